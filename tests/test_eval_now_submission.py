@@ -149,17 +149,10 @@ def test_submission_round_trip_through_evaluator(tmp_path, samples):
     assert s["overall"]["median"] == pytest.approx(0.6745 * 0.2, rel=0.15)
 
 
-def test_real_synthetic_flame_if_available(tmp_path, samples):
-    flame_mod = pytest.importorskip("ofer.flame")
-    synth = pytest.importorskip("ofer.flame.synthetic")
-    if not hasattr(flame_mod, "FLAME") or not hasattr(synth, "write_synthetic_flame"):
-        pytest.skip("FLAME layer not available")
-    import inspect
+def test_submission_with_synthetic_flame(tmp_path, samples, synthetic_flame_paths):
+    from ofer.flame import FLAME
 
-    sig = inspect.signature(synth.write_synthetic_flame)
-    paths = synth.write_synthetic_flame(tmp_path / "flame") if len(sig.parameters) else synth.write_synthetic_flame()
-    model, emb = (paths if isinstance(paths, (tuple, list)) else (paths["model"], paths["landmark_embedding"]))[:2]
-    flame = flame_mod.FLAME(model, emb, n_shape=300, n_exp=100)
+    flame = FLAME(synthetic_flame_paths.model, synthetic_flame_paths.landmarks, n_shape=300, n_exp=100)
     root, lst, coeffs = samples
     res = write_submission(root, lst, tmp_path / "sub", flame)
     assert res["written"] == 2
