@@ -47,3 +47,108 @@ def write_world(root: Path, name: str = "TOY_TRAIN", n_actors: int = 6, n_images
     lst.parent.mkdir(parents=True, exist_ok=True)
     np.save(lst, table, allow_pickle=True)
     return truth
+
+
+# ----------------------------------------------------------------------------------------
+# Stand-in model / task / data for the loop tests (no dependency on the real networks)
+# ----------------------------------------------------------------------------------------
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from ofer.config import IdGenTrainConfig, load_config  # noqa: E402
+from ofer.train.loop import TrainTask, flatten_views  # noqa: E402
+
+
+class ToyData(torch.utils.data.Dataset):
+    """Items like FaceDataset's: K views of a tiny 'image' and a 6-d target."""
+
+    def __init__(self, n: int = 12, k: int = 2, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 4, 3, 6, 6, generator=g)
+        self.targets = torch.randn(n, 6, generator=g)
+        self.k = k
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, key):
+        import numpy as np
+
+        if isinstance(key, tuple):
+            idx, seed = key
+            pick = np.random.default_rng(seed).choice(4, self.k, replace=False)
+        else:
+            idx, pick = key, np.arange(self.k)
+        return {"arcface": self.images[idx, torch.as_tensor(pick)],
+                "shape_coeffs": self.targets[idx].expand(self.k, 6).clone(),
+                "index": torch.tensor(idx)}
+
+
+class ToyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                     nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+        self.generator = nn.Sequential(nn.Linear(6 + 4 + 1, 32), nn.SiLU(), nn.Linear(32, 6))
+
+
+class ToyTask(TrainTask):
+    """A miniature epsilon-prediction diffusion loss; ``noise=False`` makes it deterministic."""
+
+    kind = "idgen"
+    ema_prefixes = ["generator."]
+    num_steps = 10
+    metric_name = "val/err"
+
+    def __init__(self, noise: bool = True, nan_at: int | None = None):
+        self.model = ToyModel()
+        self.noise = noise
+        self.nan_at = nan_at
+        self.calls = 0
+
+    def param_groups(self):
+        m = self.model
+        return [{"name": "encoder", "params": list(m.encoder.parameters()) + list(m.frozen.parameters()),
+                 "lr": 1e-3},
+                {"name": "diffusion", "params": list(m.generator.parameters()), "lr": 1e-2}]
+
+    def loss(self, model, batch, generator):
+        b = flatten_views(batch)
+        cond = model.encoder(b["arcface"])
+        x0 = b["shape_coeffs"]
+        n = x0.shape[0]
+        dev = x0.device
+        if self.noise:
+            t = torch.randint(0, self.num_steps, (n,), generator=generator, device=dev)
+            eps = torch.randn(x0.shape, generator=generator, device=dev)
+        else:
+            t = torch.arange(n, device=dev) % self.num_steps
+            eps = torch.sin(torch.arange(x0.numel(), device=dev, dtype=x0.dtype)).view_as(x0)
+        a = 1 - (t.float() + 1) / (self.num_steps + 1)
+        xt = a.sqrt()[:, None] * x0 + (1 - a).sqrt()[:, None] * eps
+        pred = model.generator(torch.cat([xt, cond, t[:, None].float() / self.num_steps], 1))
+        per = (pred - eps).abs().mean(1)
+        self.calls += 1
+        loss = per.mean()
+        if self.nan_at is not None and self.calls >= self.nan_at:
+            loss = loss * float("nan")
+        return loss, {"loss": per.detach(), "t": t}
+
+    def validate(self, model, dataset, generator):
+        items = [dataset[i] for i in range(len(dataset))]
+        b = flatten_views(torch.utils.data.default_collate(items))
+        cond = model.encoder(b["arcface"])
+        z = torch.zeros_like(b["shape_coeffs"])
+        pred = model.generator(torch.cat([z, cond, torch.zeros(len(z), 1)], 1))
+        return {"val/err": float((pred - b["shape_coeffs"]).abs().mean())}
+
+
+def toy_config(run_dir, **over) -> IdGenTrainConfig:
+    items = {"run_dir": str(run_dir), "data.actors_per_batch": 4, "data.num_workers": 0,
+             "train.max_steps": 8, "train.log_every": 1, "train.val_every": 0,
+             "train.ckpt_every": 2, "train.sample_every": 0, "train.progress": False,
+             "train.tensorboard": False, "train.device": "cpu", "ema.decay": 0.9}
+    items.update(over)
+    return load_config(IdGenTrainConfig, None, [f"{k}={v}" for k, v in items.items()])
