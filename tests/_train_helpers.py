@@ -85,9 +85,9 @@ class ToyData(torch.utils.data.Dataset):
 
 
 class ToyModel(nn.Module):
-    def __init__(self):
+    def __init__(self, bn: bool = True):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        self.encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4) if bn else nn.Identity(), nn.ReLU(),
                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.frozen = nn.Linear(2, 2)
         self.frozen.requires_grad_(False)
@@ -102,8 +102,8 @@ class ToyTask(TrainTask):
     num_steps = 10
     metric_name = "val/err"
 
-    def __init__(self, noise: bool = True, nan_at: int | None = None):
-        self.model = ToyModel()
+    def __init__(self, noise: bool = True, nan_at: int | None = None, bn: bool = True):
+        self.model = ToyModel(bn=bn)
         self.noise = noise
         self.nan_at = nan_at
         self.calls = 0
@@ -124,8 +124,11 @@ class ToyTask(TrainTask):
             t = torch.randint(0, self.num_steps, (n,), generator=generator, device=dev)
             eps = torch.randn(x0.shape, generator=generator, device=dev)
         else:
-            t = torch.arange(n, device=dev) % self.num_steps
-            eps = torch.sin(torch.arange(x0.numel(), device=dev, dtype=x0.dtype)).view_as(x0)
+            # a function of the example (actor, view), not of its place in the local batch
+            k = batch["arcface"].shape[1]
+            ex = b["index"] * k + torch.arange(n, device=dev) % k
+            t = ex % self.num_steps
+            eps = torch.sin(ex[:, None].float() * 6 + torch.arange(6, device=dev)[None])
         a = 1 - (t.float() + 1) / (self.num_steps + 1)
         xt = a.sqrt()[:, None] * x0 + (1 - a).sqrt()[:, None] * eps
         pred = model.generator(torch.cat([xt, cond, t[:, None].float() / self.num_steps], 1))
