@@ -7,6 +7,7 @@ MICA (``layout="mica"``)::
     image_paths/<NAME>.npy                      pickled {actor: (image_relpaths, params_relpath)}
     <NAME>/arcface_input/<actor>/<img>.jpg      224x224 aligned crop (RGB)
     <NAME>/arcface_input/<actor>/<img>.npy      ArcFace blob (3,112,112) float32, RGB, (px-127.5)/127.5
+                                                (OFER's own .npy files are BGR)
     <NAME>/FLAME_parameters/<params_relpath>    .npz: betas (400 = 300 shape + 100 expression),
                                                       pose (15 = global, neck, jaw, eyes)
 
@@ -191,6 +192,8 @@ def load_index(
             lay = found[0]
         else:
             lay = layout
+            if not lists[lay].is_file():
+                raise AssetError(f"no image list for dataset {name} (layout {lay}): {lists[lay]} not found")
         table = read_image_list(lists[lay])
         base = _base_dir(root, name)
         img_dir = base / "arcface_input"
@@ -336,9 +339,13 @@ def farl_preprocess(rgb: torch.Tensor, size: int = 224) -> torch.Tensor:
     if x.shape[-1] != size or x.shape[-2] != size:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic",
                                             align_corners=False).clamp(0, 1)
-    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    try:
+        from ..nets.farl import clip_normalize
+    except ImportError:  # pragma: no cover
+        mean = torch.tensor(CLIP_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+    return clip_normalize(x)
 
 
 # ----------------------------------------------------------------------------------------
@@ -457,7 +464,7 @@ class FaceDataset(torch.utils.data.Dataset):
             mask = np.zeros((224, 224), np.float32)
             if self.occluder is not None and rng.uniform() < self.occlusion_prob:
                 rgb, mask = self.occluder(rgb, rng)
-                blob = _occlude_blob(blob, rgb, mask)
+                blob = _occlude_blob(blob, rgb, mask, bgr=entry.layout == "ofer23")
             arc.append(blob)
             if self.load_farl:
                 farl.append(rgb)
@@ -478,8 +485,9 @@ class FaceDataset(torch.utils.data.Dataset):
         return item
 
 
-def _occlude_blob(blob: np.ndarray, rgb_occ: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Paste the occluder into the 112 ArcFace blob (RGB, (px-127.5)/127.5).
+def _occlude_blob(blob: np.ndarray, rgb_occ: np.ndarray, mask: np.ndarray, bgr: bool = False) -> np.ndarray:
+    """Paste the occluder into the 112 ArcFace blob ((px-127.5)/127.5; RGB for MICA files,
+    BGR for OFER's own ``.npy`` files).
 
     The 112 input is a half-resolution copy of the 224 crop (same alignment template x2),
     so a 2x2 average of the occluded crop and of the mask gives the occluder there.
@@ -490,6 +498,8 @@ def _occlude_blob(blob: np.ndarray, rgb_occ: np.ndarray, mask: np.ndarray) -> np
     m = mask.reshape(112, 2, 112, 2).mean(axis=(1, 3))
     small = rgb_occ.reshape(3, 112, 2, 112, 2).mean(axis=(2, 4))
     occ = (small * 255.0 - 127.5) / 127.5
+    if bgr:
+        occ = occ[::-1]
     return (blob * (1 - m) + occ * m).astype(np.float32)
 
 
