@@ -208,7 +208,7 @@ def _rasterize(
 
     verts_px: (B,V,2) float64 pixel coordinates; z: (B,V) camera depth (> 0 for visible vertices);
     faces: (F,3) long. Returns face_id (B,H,W) long (-1 empty), depth (B,H,W) float64 (+inf empty),
-    bary (B,H,W,3) float64 perspective-correct barycentrics.
+    bary (B,H,W,3) float32 perspective-correct barycentrics.
 
     Each triangle is written as three affine edge functions ``w_k(x, y) = a_k x + b_k y + c_k``
     (its barycentric coordinates); a pixel centre is covered when all three are >= 0.
@@ -220,7 +220,7 @@ def _rasterize(
         raise ValueError(f"render: image of {width}x{height} pixels is too large (at most 2**24 pixels)")
     face_id = torch.full((B * HW,), -1, dtype=torch.long)
     depth = torch.full((B * HW,), math.inf, dtype=torch.float64)
-    bary_out = torch.zeros((B * HW, 3), dtype=torch.float64)
+    bary_out = torch.zeros((B * HW, 3), dtype=torch.float32)
 
     tri = verts_px[:, faces]  # (B,F,3,2)
     tz = z[:, faces]  # (B,F,3)
@@ -296,7 +296,7 @@ def _rasterize(
     best.scatter_reduce_(0, pix[winner], cf[winner], reduce="amin", include_self=True)
     sel = winner & (cf == best[pix])
     face_id[pix[sel]] = cf[sel]
-    bary_out[pix[sel]] = (wz[sel] / inv[sel, None]).double()
+    bary_out[pix[sel]] = wz[sel] / inv[sel, None]
     return face_id.view(B, height, width), depth.view(B, height, width), bary_out.view(B, height, width, 3)
 
 
@@ -372,41 +372,45 @@ def render(
     mask = face_id >= 0
 
     # ---- shading (only at covered pixels)
-    bgimg = _background_array(background, B, H, W)
-    image = bgimg.clone()
-    bsel, ysel, xsel = torch.nonzero(mask, as_tuple=True)
-    if bsel.numel():
-        fid = face_id[bsel, ysel, xsel]
-        bc = bary[bsel, ysel, xsel]  # (N,3)
-        fv = f[fid]  # (N,3)
+    image = _background_array(background, B, H, W).to(torch.float32).contiguous().clone()
+    HW = H * W
+    pix = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
+    if pix.numel():
+        bsel = torch.div(pix, HW, rounding_mode="floor")
+        fid = face_id.reshape(-1)[pix]
+        bc = bary.reshape(-1, 3)[pix].float()  # (N,3)
+        vidx = f[fid] + bsel[:, None] * V  # (N,3) rows of the flattened (B*V, .) attributes
+
+        def interp(attr: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("nk,nkc->nc", bc, attr.reshape(-1, 3)[vidx])
+
+        vf = v.float()
         if smooth:
-            vn = vertex_normals(v, f)  # (B,V,3)
-            n = (vn[bsel[:, None], fv] * bc[..., None]).sum(1)
+            n = interp(vertex_normals(v, f).float())
         else:
-            tri = v[bsel[:, None], fv]
+            tri = vf.reshape(-1, 3)[vidx]
             n = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
         n = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        pts = (v[bsel[:, None], fv] * bc[..., None]).sum(1)
-        campos = torch.as_tensor(np.stack([c.position for c in cams]))[bsel]
-        view = campos - pts
+        campos = torch.as_tensor(np.stack([c.position for c in cams]), dtype=torch.float32)
+        view = campos[bsel] - interp(vf)
         n = torch.where(((n * view).sum(-1, keepdim=True) < 0), -n, n)
-        L = _as_tensor(light_dir)
+        L = _as_tensor(light_dir, torch.float32)
         L = L.view(1, 3).expand(B, 3) if L.dim() == 1 else L
         L = L / L.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         lam = (n * L[bsel]).sum(-1).clamp_min(0.0)
         if colors is None:
-            alb = torch.full((bsel.numel(), 3), 0.8, dtype=torch.float64)
+            alb = torch.full((pix.numel(), 3), 0.8, dtype=torch.float32)
         else:
-            col = _as_tensor(colors)
+            col = _as_tensor(colors, torch.float32)
             if (isinstance(colors, np.ndarray) and colors.dtype == np.uint8) or (
                 isinstance(colors, torch.Tensor) and colors.dtype == torch.uint8
             ):
                 col = col / 255.0
             if col.dim() == 2:
                 col = col[None].expand(B, V, 3)
-            alb = (col[bsel[:, None], fv] * bc[..., None]).sum(1)
+            alb = interp(col.contiguous())
         shade = alb * (ambient + diffuse * lam)[:, None]
-        image[bsel, ysel, xsel] = shade.clamp(0.0, 1.0)
+        image.reshape(-1, 3)[pix] = shade.clamp(0.0, 1.0)
 
     return RenderOutput(
         image=image.float().numpy(),
@@ -440,7 +444,7 @@ def render_mesh_preview(
         v = v[0]
     lo, hi = v.min(0).values.numpy(), v.max(0).values.numpy()
     center = (lo + hi) / 2.0
-    extent = float(np.linalg.norm(hi - lo)) * 0.8
+    extent = float(np.max(hi - lo))
     s = max(1, int(supersample))
     cam = Camera.framing(center, extent, size * s, fov_deg=fov_deg, fill=fill, direction=direction)
     ld = np.asarray(direction, dtype=np.float64) + np.array([-0.4, 0.5, 0.0]) + 0.0
