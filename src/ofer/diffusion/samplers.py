@@ -37,7 +37,6 @@ Denoise = Callable[[Tensor, Tensor, Tensor], Tensor]
 METHODS = ("ddpm", "ddim", "dpmpp_2m", "legacy_ddim")
 #: Network evaluations when ``steps`` is None (None = fixed by the method).
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp_2m": 20, "legacy_ddim": None}
-DETERMINISTIC = ("dpmpp_2m", "legacy_ddim")  # and "ddim" with eta = 0
 
 
 def timesteps(num_steps: int, steps: int, alphas_cumprod: Tensor | None = None) -> list[int]:

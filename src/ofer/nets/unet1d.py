@@ -336,7 +336,8 @@ class Denoiser(nn.Module):
         sources = [p for lin in layers for p in (lin.weight, lin.bias)]
         return self._film_cache.get(
             sources,
-            lambda: (torch.cat([lin.weight for lin in layers]), torch.cat([lin.bias for lin in layers])),
+            lambda: (torch.cat([lin.weight for lin in layers]),
+                     torch.cat([lin.bias for lin in layers])),
         )
 
     def cond_film(self, cond: Tensor) -> Tensor:
