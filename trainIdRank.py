@@ -1,7 +1,55 @@
 #!/usr/bin/env python
-"""trainIdRank entry point (not implemented yet)."""
+"""Train IdRank: score N samples of a frozen IdGen per image (ListNet loss).
+
+    python trainIdRank.py --config configs/idrank.yaml [key.sub=value ...] [--dry-run]
+"""
+
+from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # run from a checkout
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ofer.config import IdRankTrainConfig, resolve_path  # noqa: E402
+from ofer.train import build  # noqa: E402
+from ofer.train.dist import cleanup, init_distributed  # noqa: E402
+from ofer.train.loop import TrainResult, run_training  # noqa: E402
+from ofer.train.tasks import IdRankTask  # noqa: E402
+
+
+def main(cfg: IdRankTrainConfig) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    dist = init_distributed(cfg.train.device)
+    try:
+        train_set, val_set = build.build_datasets(cfg, "identity", load_farl=True,
+                                                  report_dir=Path(cfg.run_dir))
+        # The frozen IdGen that proposes the hypotheses (EMA weights by default).
+        idgen, _ = build.load_trained_model(resolve_path(cfg.data_root, cfg.idgen_checkpoint),
+                                            "idgen", cfg.idgen_use_ema)
+        vertices, _ = build.build_flame(cfg)
+        front = None
+        if cfg.ranker.front_indices:
+            path = build._asset(cfg, "ranker.front_indices", cfg.ranker.front_indices)
+            front = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
+        # The ranker's input width: [mean | residual] over the (front) vertices.
+        n_verts = len(front) if front is not None else vertices(
+            shape_coeffs=torch.zeros(1, cfg.flame.n_shape)).shape[1]
+        model = build.build_model("idrank", cfg, in_dim=2 * 3 * n_verts)
+        # As in OFER, the ranker's ArcFace starts from the IdGen's fine-tuned ArcFace
+        # when no ArcFace weights are configured.
+        if cfg.arcface.weights is None:
+            model.arcface.load_state_dict(idgen.arcface.state_dict())
+        task = IdRankTask(cfg, model, idgen, vertices, front)
+        return run_training(cfg, task, train_set, val_set, dist)
+    finally:
+        cleanup()
+
 
 if __name__ == "__main__":
-    sys.exit("trainIdRank.py: not implemented yet in this version of OFER")
+    from ofer.train.cli import run_cli
+
+    sys.exit(run_cli("idrank", IdRankTrainConfig, main, prog="trainIdRank.py"))

@@ -1,0 +1,606 @@
+"""Typed configuration: dataclass schemas, YAML files and dotted ``key.sub=value`` overrides.
+
+Every script has one dataclass schema (``IdGenTrainConfig``, ``ExpGenTrainConfig``,
+``IdRankTrainConfig``; ``sample.py`` brings its own). :func:`load_config` reads a YAML file,
+applies command-line overrides, checks every key and type against the schema and runs the
+schema's ``validate()`` methods. All mistakes are one-line :class:`~ofer.errors.ConfigError`
+messages that name the key and list the valid keys or values::
+
+    cfg = load_config(IdGenTrainConfig, "configs/idgen.yaml", ["train.max_steps=10"])
+    plain = config_to_dict(cfg)            # nested dicts/lists of str/int/float/bool/None
+
+Asset paths in the training schemas are relative to the single ``data_root`` key (absolute
+paths are accepted too); :func:`resolve_path` joins them.
+
+Overrides are parsed as YAML scalars/flow collections: ``train.lr=1e-3``, ``data.train=[A,B]``,
+``arcface.weights=null``. Floats written as ``1e-4`` (which YAML 1.1 reads as strings) are
+accepted for float fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, TypeVar, Union
+
+import yaml
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+__all__ = [
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "parse_overrides",
+    "save_config",
+    "resolve_path",
+    "ArcFaceConfig",
+    "FaRLConfig",
+    "DenoiserConfig",
+    "DiffusionConfig",
+    "OcclusionAugConfig",
+    "DataConfig",
+    "FlameConfig",
+    "OptimConfig",
+    "EMAConfig",
+    "LoopConfig",
+    "ValConfig",
+    "IdGenTrainConfig",
+    "ExpGenTrainConfig",
+    "IdRankTrainConfig",
+]
+
+
+# ----------------------------------------------------------------------------------------
+# Generic machinery
+# ----------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple, Sequence):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return the (possibly converted) value."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' expects a mapping, got {_describe(value)}")
+        return _from_dict(tp, value, key)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {_describe(value)}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or type(value) is not type(allowed[0]):
+            raise ConfigError(
+                f"config key '{key}' expects one of {', '.join(repr(a) for a in allowed)}, "
+                f"got {value!r}"
+            )
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {_describe(value)}")
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return out if origin is list else tuple(out)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' expects a mapping, got {_describe(value)}")
+        _, vt = typing.get_args(tp) or (str, Any)
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects bool (true/false), got {_describe(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects int, got {_describe(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' expects float, got {_describe(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}' expects str, got {_describe(value)}")
+    raise ConfigError(f"config key '{key}': unsupported schema type {tp!r}")  # pragma: no cover
+
+
+def _from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f"'{prefix}'" if prefix else "the top level"
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(
+            f"unknown config key '{key}'; valid keys in {where}: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def config_from_dict(schema_cls: type[T], data: dict) -> T:
+    """Build and validate a schema instance from nested plain dicts (strict: no unknown keys)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping at the top level, got {_describe(data)}")
+    cfg = _from_dict(schema_cls, data)
+    _validate(cfg, "")
+    return cfg
+
+
+def _validate(cfg: Any, prefix: str) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate(value, f"{prefix}{f.name}.")
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        check(prefix)
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Nested plain containers (dict/list/str/int/float/bool/None) for YAML or checkpoints."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {str(k): config_to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """``["a.b=1", "c=[x,y]"]`` -> ``[("a.b", 1), ("c", ["x", "y"])]`` (values parsed as YAML)."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key, value))
+    return out
+
+
+def _set_dotted(data: dict, schema_cls: type, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node, cls, prefix = data, schema_cls, ""
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+        if fields is not None and part not in fields:
+            where = f"'{prefix}'" if prefix else "the top level"
+            raise ConfigError(
+                f"unknown config key '{prefix + '.' if prefix else ''}{part}'; valid keys in "
+                f"{where}: {', '.join(fields)}"
+            )
+        prefix = f"{prefix}.{part}" if prefix else part
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        hint = typing.get_type_hints(cls)[part] if fields is not None else Any
+        if fields is not None and not dataclasses.is_dataclass(hint):
+            raise ConfigError(f"config key '{prefix}' is a {_type_name(hint)}, it has no sub-keys")
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node, cls = child, hint
+
+
+def load_config(
+    schema_cls: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+) -> T:
+    """Read ``path`` (YAML, optional), apply ``key.sub=value`` overrides, validate strictly.
+
+    Keys missing from the file take the schema defaults.
+
+    Raises:
+        ConfigError: unknown key, wrong type, invalid value, unreadable YAML (one line).
+    """
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"config file {p} is not valid YAML: {first}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping, got {type(loaded).__name__}")
+        data = loaded
+    # Start from the schema defaults so overrides of nested keys merge correctly.
+    merged = config_to_dict(schema_cls())
+    _deep_update(merged, data, schema_cls, "")
+    for key, value in parse_overrides(overrides):
+        _set_dotted(merged, schema_cls, key, value)
+    return config_from_dict(schema_cls, merged)
+
+
+def _deep_update(base: dict, new: dict, cls: type, prefix: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for k, v in new.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            where = f"'{prefix}'" if prefix else "the top level"
+            raise ConfigError(f"unknown config key '{key}'; valid keys in {where}: {', '.join(fields)}")
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v, hints[k], key)
+        else:
+            base[k] = v
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from .train.checkpoint import atomic_write_bytes
+
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def resolve_path(data_root: str | os.PathLike, path: str | os.PathLike | None) -> Path | None:
+    """``data_root / path`` for relative paths, ``path`` itself when absolute, None for None."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(data_root).expanduser() / p
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+# ----------------------------------------------------------------------------------------
+# Training schemas
+# ----------------------------------------------------------------------------------------
+@dataclass
+class ArcFaceConfig:
+    """ArcFace IResNet encoder (insightface layout). ``layers=[3,13,30,3]`` is r100."""
+
+    layers: list[int] = field(default_factory=lambda: [3, 13, 30, 3])
+    width: int = 64
+    freeze: Literal["none", "l2", "l3", "l4"] = "l4"
+    weights: Optional[str] = "pretrained/arcface/glint360_r100/backbone.pth"
+    lr: float = 1e-4
+
+    def validate(self, p: str) -> None:
+        _check(len(self.layers) == 4 and all(n >= 1 for n in self.layers), p + "layers",
+               f"must be 4 positive block counts, got {self.layers}")
+        _check(self.width >= 8, p + "width", f"must be >= 8, got {self.width}")
+        _check(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
+
+
+@dataclass
+class FaRLConfig:
+    """FaRL (CLIP ViT) image encoder. The defaults are ViT-B/16."""
+
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    patch_size: int = 16
+    image_size: int = 224
+    embed_dim: int = 512
+    weights: Optional[str] = "pretrained/FaRL-Base-Patch16-LAIONFace20M-ep64.pth"
+    trainable: bool = True
+    lr: float = 1e-4
+
+    def validate(self, p: str) -> None:
+        _check(self.width % self.heads == 0, p + "width", f"must be divisible by heads={self.heads}")
+        _check(self.image_size % self.patch_size == 0, p + "image_size",
+               f"must be divisible by patch_size={self.patch_size}")
+        _check(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
+
+
+@dataclass
+class DenoiserConfig:
+    """1-D attention U-Net denoiser (``ofer.nets.Denoiser``)."""
+
+    dims: list[int] = field(default_factory=lambda: [300, 50, 10])
+    num_qkv: int = 16
+
+    def validate(self, p: str) -> None:
+        _check(len(self.dims) >= 2 and all(d >= 1 for d in self.dims), p + "dims",
+               f"must hold >= 2 positive widths, got {self.dims}")
+        _check(self.num_qkv >= 1, p + "num_qkv", f"must be >= 1, got {self.num_qkv}")
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule, training objective and the denoiser learning rate (OFER: eps, L1)."""
+
+    num_steps: int = 1000
+    beta_1: float = 1e-4
+    beta_T: float = 1e-2
+    schedule: Literal["linear"] = "linear"
+    loss: Literal["l1", "mse"] = "l1"
+    lr: float = 1e-3
+
+    def validate(self, p: str) -> None:
+        _check(self.num_steps >= 2, p + "num_steps", f"must be >= 2, got {self.num_steps}")
+        _check(0 < self.beta_1 < self.beta_T < 1, p + "beta_T",
+               f"must satisfy 0 < beta_1 < beta_T < 1, got {self.beta_1}, {self.beta_T}")
+        _check(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
+
+
+@dataclass
+class OcclusionAugConfig:
+    """Synthetic occluders pasted on both crops before the encoders (``ofer.data.occlusion``)."""
+
+    prob: float = 0.0
+    area: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    return_mask: bool = True
+
+    def validate(self, p: str) -> None:
+        _check(0.0 <= self.prob <= 1.0, p + "prob", f"must be in [0, 1], got {self.prob}")
+        _check(len(self.area) == 2 and 0.0 <= self.area[0] <= self.area[1] <= 1.0, p + "area",
+               f"must be [min, max] with 0 <= min <= max <= 1, got {self.area}")
+
+
+@dataclass
+class DataConfig:
+    """Training data: dataset names under ``<data_root>/<root>`` in the MICA or OFER layout."""
+
+    root: str = "datasets"
+    train: list[str] = field(default_factory=lambda: ["LYHM", "STIRLING_LQ", "STIRLING_HQ",
+                                                      "FACEWAREHOUSE", "FLORENCE"])
+    val: list[str] = field(default_factory=list)
+    layout: Literal["auto", "mica", "ofer23"] = "auto"
+    actors_per_batch: int = 16
+    images_per_actor: int = 4
+    num_workers: int = 4
+    occlusion: OcclusionAugConfig = field(default_factory=OcclusionAugConfig)
+
+    def validate(self, p: str) -> None:
+        _check(len(self.train) >= 1, p + "train", "must name at least one dataset")
+        _check(self.actors_per_batch >= 1, p + "actors_per_batch",
+               f"must be >= 1, got {self.actors_per_batch}")
+        _check(self.images_per_actor >= 1, p + "images_per_actor",
+               f"must be >= 1, got {self.images_per_actor}")
+        _check(self.num_workers >= 0, p + "num_workers", f"must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class FlameConfig:
+    """FLAME model used for validation errors, sample meshes and IdRank vertices."""
+
+    model_path: str = "FLAME2020/generic_model.pkl"
+    landmark_embedding_path: Optional[str] = None
+    n_shape: int = 300
+    n_exp: int = 100
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (one parameter group per module, learning rates in the module sections)."""
+
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+
+    def validate(self, p: str) -> None:
+        _check(self.weight_decay >= 0, p + "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), p + "betas",
+               f"must be two numbers in [0, 1), got {self.betas}")
+        _check(self.grad_clip >= 0, p + "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        _check(self.warmup_steps >= 0, p + "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the denoiser (sampling uses it by default)."""
+
+    enabled: bool = True
+    decay: float = 0.9999
+    start_step: int = 0
+
+    def validate(self, p: str) -> None:
+        _check(0.0 <= self.decay < 1.0, p + "decay", f"must be in [0, 1), got {self.decay}")
+
+
+@dataclass
+class LoopConfig:
+    """Steps, logging, checkpointing, device and precision."""
+
+    max_steps: int = 2_000_000
+    log_every: int = 50
+    val_every: int = 5000
+    ckpt_every: int = 1000
+    sample_every: int = 5000
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    progress: bool = True
+    tensorboard: bool = True
+    nan_guard: bool = True
+
+    def validate(self, p: str) -> None:
+        _check(self.max_steps >= 1, p + "max_steps", f"must be >= 1, got {self.max_steps}")
+        for name in ("log_every", "val_every", "ckpt_every", "sample_every"):
+            v = getattr(self, name)
+            _check(v >= 0, p + name, f"must be >= 0 (0 = off), got {v}")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               p + "device", f"must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}")
+
+
+@dataclass
+class ValConfig:
+    """Held-out evaluation (datasets from ``data.val``)."""
+
+    num_samples: int = 10
+    method: Literal["ddpm", "ddim", "dpmpp_2m", "legacy_ddim"] = "ddim"
+    steps: int = 50
+    max_items: int = 64
+    seed: int = 1234
+
+    def validate(self, p: str) -> None:
+        _check(self.num_samples >= 1, p + "num_samples", f"must be >= 1, got {self.num_samples}")
+        _check(self.steps >= 1, p + "steps", f"must be >= 1, got {self.steps}")
+        _check(self.max_items >= 1, p + "max_items", f"must be >= 1, got {self.max_items}")
+
+
+def _common_validate(cfg: Any) -> None:
+    _check(bool(cfg.run_dir), "run_dir", "must not be empty")
+
+
+@dataclass
+class IdGenTrainConfig:
+    """IdGen: ArcFace-conditioned diffusion over 300 FLAME shape coefficients."""
+
+    data_root: str = "data"
+    run_dir: str = "runs/idgen"
+    seed: int = 0
+    resume: bool = False
+    n_shape: int = 300
+    flame: FlameConfig = field(default_factory=FlameConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    arcface: ArcFaceConfig = field(default_factory=ArcFaceConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+
+    def validate(self, p: str) -> None:
+        _common_validate(self)
+        _check(1 <= self.n_shape <= self.flame.n_shape, "n_shape",
+               f"must be in [1, flame.n_shape={self.flame.n_shape}], got {self.n_shape}")
+        _check(self.denoiser.dims[0] == self.n_shape, "denoiser.dims",
+               f"must start with n_shape={self.n_shape}, got {self.denoiser.dims}")
+
+
+@dataclass
+class ExpGenTrainConfig:
+    """ExpGen: [FaRL | ArcFace]-conditioned diffusion over 50 expression + 3 jaw values."""
+
+    data_root: str = "data"
+    run_dir: str = "runs/expgen"
+    seed: int = 0
+    resume: bool = False
+    n_exp: int = 50
+    jaw_scale: float = 1.0
+    flame: FlameConfig = field(default_factory=FlameConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(train=["TEMPEH"]))
+    arcface: ArcFaceConfig = field(default_factory=ArcFaceConfig)
+    farl: FaRLConfig = field(default_factory=FaRLConfig)
+    denoiser: DenoiserConfig = field(default_factory=lambda: DenoiserConfig(dims=[53, 25, 10]))
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+
+    def validate(self, p: str) -> None:
+        _common_validate(self)
+        _check(1 <= self.n_exp <= self.flame.n_exp, "n_exp",
+               f"must be in [1, flame.n_exp={self.flame.n_exp}], got {self.n_exp}")
+        _check(self.denoiser.dims[0] == self.n_exp + 3, "denoiser.dims",
+               f"must start with n_exp + 3 = {self.n_exp + 3}, got {self.denoiser.dims}")
+        _check(self.jaw_scale > 0, "jaw_scale", f"must be > 0, got {self.jaw_scale}")
+
+
+@dataclass
+class RankerConfig:
+    """IdRank scoring MLP (``ofer.nets.RankMLP``) and its learning rate."""
+
+    lr: float = 1e-6
+    front_indices: Optional[str] = "pretrained/frontindices.npy"
+
+    def validate(self, p: str) -> None:
+        _check(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
+
+
+@dataclass
+class IdRankTrainConfig:
+    """IdRank: learns to pick the best of N IdGen samples (ListNet loss)."""
+
+    data_root: str = "data"
+    run_dir: str = "runs/idrank"
+    seed: int = 0
+    resume: bool = False
+    idgen_checkpoint: str = "checkpoints/idgen.pt"
+    idgen_use_ema: bool = True
+    num_samples: int = 100
+    sample_method: Literal["ddpm", "ddim", "dpmpp_2m", "legacy_ddim"] = "ddpm"
+    sample_steps: int = 1000
+    flame: FlameConfig = field(default_factory=FlameConfig)
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(train=["STIRLING_LQ_VAL"], actors_per_batch=8,
+                                           images_per_actor=1, num_workers=0))
+    arcface: ArcFaceConfig = field(default_factory=ArcFaceConfig)
+    farl: FaRLConfig = field(default_factory=FaRLConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(enabled=False))
+    train: LoopConfig = field(default_factory=LoopConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+
+    def validate(self, p: str) -> None:
+        _common_validate(self)
+        _check(self.num_samples >= 2, "num_samples", f"must be >= 2, got {self.num_samples}")
+        _check(self.sample_steps >= 1, "sample_steps", f"must be >= 1, got {self.sample_steps}")

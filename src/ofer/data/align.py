@@ -1,0 +1,367 @@
+"""Face detection (SCRFD via insightface, optional) and 5-point alignment.
+
+Geometry only; reading files is :mod:`ofer.data.images`. All image arrays here are
+``(H, W, 3)`` uint8 **RGB** unless a name says otherwise, and 2-D points are ``(x, y)`` in
+pixels with integer coordinates at pixel centres (the OpenCV / scikit-image convention).
+
+Two crops are made per face, as OFER's ``arcface_process.py`` does:
+
+* **ArcFace input** (112x112): the least-squares similarity (Umeyama, no reflection) that maps
+  the 5 keypoints onto insightface's ArcFace template, then bilinear warping with a zero
+  border (``insightface.utils.face_align.norm_crop`` = skimage ``SimilarityTransform`` +
+  ``cv2.warpAffine``). :func:`arcface_blob` turns it into ``(3, 112, 112)`` float32
+  ``(pixel - 127.5) / 127.5`` in the requested channel order.
+* **FaRL crop** (224x224): the square of side ``int(1.6 * (w + h) / 2)`` around the face-box
+  centre, mapped onto ``(0, 0)-(223, 223)`` (bilinear, zero border).
+
+Keypoint order (insightface): image-left eye, image-right eye, nose tip, image-left mouth
+corner, image-right mouth corner.
+
+Channel order of the ArcFace blob. MICA feeds **RGB** (``cv2.imread`` gives BGR and
+``blobFromImages(swapRB=True)`` flips it). OFER's script reads with skimage (RGB) and then
+flips with the same call, so the ``.npy`` files it ships and its checkpoints were made
+with **BGR** blobs. Use ``channel_order="bgr"`` with OFER checkpoints (the default here) and
+``"rgb"`` with MICA weights.
+
+The warp is computed in floating point; OpenCV quantises coordinates to 1/32 pixel and
+weights to 11 bits, so results can differ from ``cv2.warpAffine`` by about one grey level.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import AssetError, OferError
+
+__all__ = [
+    "ARCFACE_TEMPLATE",
+    "FARL_SCALE",
+    "CANONICAL_BOX",
+    "Detector",
+    "SCRFDDetector",
+    "umeyama",
+    "estimate_norm",
+    "warp_affine",
+    "norm_crop",
+    "arcface_blob",
+    "farl_crop_matrix",
+    "farl_crop",
+    "box_from_kps",
+    "select_center_face",
+    "transform_points",
+    "resolve_detector_dir",
+]
+
+#: insightface ArcFace 5-point template for a 112x112 crop (x, y).
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float64,
+)
+
+#: The FaRL crop side is this times the mean of the face box's width and height (OFER, MICA).
+FARL_SCALE = 1.6
+
+#: Face box (left, top, right, bottom) in ArcFace-template coordinates used when only the 5
+#: points are known (sidecar files, pre-aligned crops). 74 px wide (2.1 eye distances) and
+#: 94 px tall (brows to chin), centred on x = 56; chosen to approximate SCRFD boxes on
+#: frontal faces, so that crops made from sidecars frame the face like detector crops.
+CANONICAL_BOX = np.array([19.0, 20.0, 93.0, 114.0])
+
+INSIGHTFACE_URLS = {
+    "antelopev2": "https://github.com/deepinsight/insightface/releases/download/v0.7/antelopev2.zip",
+    "buffalo_l": "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip",
+}
+
+
+# --------------------------------------------------------------------------------------
+# Similarity transforms
+# --------------------------------------------------------------------------------------
+def umeyama(src: np.ndarray, dst: np.ndarray, estimate_scale: bool = True) -> np.ndarray:
+    """Least-squares similarity ``dst ~ s R src + t`` (Umeyama 1991), without reflection.
+
+    Args:
+        src: ``(N, D)`` source points.
+        dst: ``(N, D)`` destination points.
+        estimate_scale: fit ``s``; otherwise ``s = 1`` (rigid).
+
+    Returns:
+        ``(D + 1, D + 1)`` float64 homogeneous matrix mapping src to dst. Degenerate input
+        (all source points equal) gives a matrix of NaNs, as scikit-image does.
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    if src.shape != dst.shape or src.ndim != 2:
+        raise ValueError(f"umeyama needs two (N, D) arrays of the same shape, got {src.shape} and {dst.shape}")
+    n, dim = src.shape
+    src_mean, dst_mean = src.mean(0), dst.mean(0)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    a = dst_c.T @ src_c / n
+    d = np.ones(dim)
+    if np.linalg.det(a) < 0:
+        d[-1] = -1.0
+    t = np.eye(dim + 1)
+    u, s, vt = np.linalg.svd(a)
+    rank = np.linalg.matrix_rank(a)
+    if rank == 0:
+        return np.full((dim + 1, dim + 1), np.nan)
+    if rank == dim - 1:
+        if np.linalg.det(u) * np.linalg.det(vt) > 0:
+            t[:dim, :dim] = u @ vt
+        else:
+            sd = d[-1]
+            d[-1] = -1.0
+            t[:dim, :dim] = u @ np.diag(d) @ vt
+            d[-1] = sd
+    else:
+        t[:dim, :dim] = u @ np.diag(d) @ vt
+    scale = 1.0 / src_c.var(0).sum() * (s @ d) if estimate_scale else 1.0
+    t[:dim, dim] = dst_mean - scale * (t[:dim, :dim] @ src_mean)
+    t[:dim, :dim] *= scale
+    return t
+
+
+def estimate_norm(kps: np.ndarray, image_size: int = 112) -> np.ndarray:
+    """``(2, 3)`` similarity mapping 5 keypoints onto the ArcFace template for ``image_size``.
+
+    ``image_size`` must be a multiple of 112 (the template is scaled by ``image_size / 112``).
+    """
+    kps = np.asarray(kps, dtype=np.float64)
+    if kps.shape != (5, 2):
+        raise ValueError(f"expected 5 keypoints of shape (5, 2), got {kps.shape}")
+    if image_size % 112:
+        raise ValueError(f"ArcFace crops need a size that is a multiple of 112, got {image_size}")
+    m = umeyama(kps, ARCFACE_TEMPLATE * (image_size / 112.0))
+    if not np.all(np.isfinite(m)):
+        raise ValueError("degenerate keypoints (all at one point): cannot align")
+    return m[:2]
+
+
+def transform_points(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Apply a ``(2, 3)`` affine matrix to ``(N, 2)`` points."""
+    pts = np.asarray(pts, dtype=np.float64)
+    return pts @ m[:, :2].T + m[:, 2]
+
+
+def _invert_affine(m: np.ndarray) -> np.ndarray:
+    full = np.vstack([np.asarray(m, dtype=np.float64), [0.0, 0.0, 1.0]])
+    return np.linalg.inv(full)[:2]
+
+
+# --------------------------------------------------------------------------------------
+# Warping
+# --------------------------------------------------------------------------------------
+def warp_affine(image: np.ndarray, m: np.ndarray, size: int | tuple[int, int],
+                border_value: float = 0.0) -> np.ndarray:
+    """Bilinear affine warp with a constant border, the semantics of ``cv2.warpAffine``.
+
+    Output pixel ``(x, y)`` takes the bilinear sample of ``image`` at ``M^-1 (x, y, 1)``;
+    neighbours outside the image count as ``border_value``.
+
+    Args:
+        image: ``(H, W)`` or ``(H, W, C)`` array (any numeric dtype).
+        m: ``(2, 3)`` matrix mapping image coordinates to output coordinates.
+        size: output side, or ``(width, height)``.
+        border_value: value outside the image.
+
+    Returns:
+        Array of shape ``(h, w[, C])``, the dtype of ``image`` (integers rounded and clipped).
+    """
+    img = np.asarray(image)
+    squeeze = img.ndim == 2
+    if squeeze:
+        img = img[..., None]
+    if img.ndim != 3:
+        raise ValueError(f"warp_affine expects (H, W) or (H, W, C), got {img.shape}")
+    out_w, out_h = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+    h, w, c = img.shape
+    inv = _invert_affine(m)
+    ys, xs = np.mgrid[0:out_h, 0:out_w].astype(np.float64)
+    sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
+    sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+    # Pad by one pixel of border so every neighbour index is valid, then clamp far-away samples.
+    pad = np.full((h + 2, w + 2, c), border_value, dtype=np.float32)
+    pad[1:-1, 1:-1] = img
+    sx = np.clip(sx + 1.0, -1.0, w + 1.0)
+    sy = np.clip(sy + 1.0, -1.0, h + 1.0)
+    x0 = np.floor(sx)
+    y0 = np.floor(sy)
+    fx = (sx - x0)[..., None].astype(np.float32)
+    fy = (sy - y0)[..., None].astype(np.float32)
+    x0 = x0.astype(np.int64)
+    y0 = y0.astype(np.int64)
+
+    def tap(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        valid = (xx >= 0) & (xx <= w + 1) & (yy >= 0) & (yy <= h + 1)
+        v = pad[np.clip(yy, 0, h + 1), np.clip(xx, 0, w + 1)]
+        return np.where(valid[..., None], v, np.float32(border_value))
+
+    out = (tap(y0, x0) * (1 - fx) * (1 - fy) + tap(y0, x0 + 1) * fx * (1 - fy)
+           + tap(y0 + 1, x0) * (1 - fx) * fy + tap(y0 + 1, x0 + 1) * fx * fy)
+    if np.issubdtype(img.dtype, np.integer):
+        info = np.iinfo(img.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    out = out.astype(img.dtype)
+    return out[..., 0] if squeeze else out
+
+
+def norm_crop(image: np.ndarray, kps: np.ndarray, image_size: int = 112) -> np.ndarray:
+    """ArcFace-aligned crop ``(image_size, image_size, C)`` of ``image`` (same dtype)."""
+    return warp_affine(image, estimate_norm(kps, image_size), image_size)
+
+
+def arcface_blob(aligned: np.ndarray, channel_order: str = "bgr") -> np.ndarray:
+    """``(112, 112, 3)`` uint8 RGB crop -> ``(3, 112, 112)`` float32 ``(p - 127.5) / 127.5``.
+
+    Args:
+        aligned: the aligned crop in RGB.
+        channel_order: ``"bgr"`` (OFER's shipped ``.npy`` files and checkpoints) or
+            ``"rgb"`` (MICA, insightface).
+    """
+    if channel_order not in ("rgb", "bgr"):
+        raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
+    a = np.asarray(aligned)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"arcface_blob expects an (H, W, 3) RGB crop, got {a.shape}")
+    if channel_order == "bgr":
+        a = a[..., ::-1]
+    return ((a.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1).copy()
+
+
+def farl_crop_matrix(box: Sequence[float], out_size: int = 224, scale: float = FARL_SCALE) -> np.ndarray:
+    """``(2, 3)`` matrix of OFER's FaRL crop for a face box ``(left, top, right, bottom)``.
+
+    Side ``int(scale * ((r - l) + (b - t)) / 2)`` around the box centre, mapped so that the
+    square's corners land on ``0`` and ``out_size - 1``.
+    """
+    l, t, r, b = (float(v) for v in box[:4])
+    size = int(((r - l) + (b - t)) / 2.0 * scale)
+    if size <= 0:
+        raise ValueError(f"face box {tuple(box[:4])} is empty")
+    cx, cy = r - (r - l) / 2.0, b - (b - t) / 2.0
+    s = (out_size - 1) / float(size)
+    return np.array([[s, 0.0, -(cx - size / 2.0) * s], [0.0, s, -(cy - size / 2.0) * s]])
+
+
+def farl_crop(image: np.ndarray, box: Sequence[float], out_size: int = 224) -> np.ndarray:
+    """The 224x224 FaRL crop (same dtype as ``image``) for a face box."""
+    return warp_affine(image, farl_crop_matrix(box, out_size), out_size)
+
+
+def box_from_kps(kps: np.ndarray) -> np.ndarray:
+    """Face box ``(left, top, right, bottom)`` derived from 5 keypoints.
+
+    The keypoints are aligned to the ArcFace template (similarity); :data:`CANONICAL_BOX` is
+    mapped back to the image with the inverse transform, and the axis-aligned box with the
+    mapped centre and side lengths ``(74, 94) / scale`` is returned (in-plane rotation does
+    not inflate it).
+    """
+    m = estimate_norm(kps, 112)
+    scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
+    centre_t = np.array([[(CANONICAL_BOX[0] + CANONICAL_BOX[2]) / 2, (CANONICAL_BOX[1] + CANONICAL_BOX[3]) / 2]])
+    cx, cy = transform_points(_invert_affine(m), centre_t)[0]
+    hw = (CANONICAL_BOX[2] - CANONICAL_BOX[0]) / 2 / scale
+    hh = (CANONICAL_BOX[3] - CANONICAL_BOX[1]) / 2 / scale
+    return np.array([cx - hw, cy - hh, cx + hw, cy + hh])
+
+
+# --------------------------------------------------------------------------------------
+# Detection
+# --------------------------------------------------------------------------------------
+class Detector(Protocol):
+    """What :func:`ofer.data.images.prepare_face` needs from a detector (insightface's interface).
+
+    ``detect(img_bgr (H, W, 3) uint8, max_num=0, metric="default")`` returns
+    ``(boxes (N, 5) [l, t, r, b, score], kps (N, 5, 2) or None)``.
+    """
+
+    def detect(self, img: np.ndarray, max_num: int = 0, metric: str = "default") -> tuple[Any, Any]: ...
+
+
+def select_center_face(boxes: np.ndarray, image_shape: Sequence[int]) -> int:
+    """Index of the box whose centre is closest to the image centre.
+
+    ``image_shape`` is ``(H, W[, C])``. Compares ``(x, y)`` box centres with ``(W / 2, H / 2)``
+    (the original compared them with ``(H / 2, W / 2)``, swapping the axes on non-square
+    images). Ties go to the first box.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64)
+    if boxes.ndim != 2 or boxes.shape[0] == 0:
+        raise ValueError("select_center_face needs at least one box")
+    h, w = float(image_shape[0]), float(image_shape[1])
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2.0
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2.0
+    return int(np.argmin((cx - w / 2.0) ** 2 + (cy - h / 2.0) ** 2))
+
+
+def resolve_detector_dir(model_dir: str | os.PathLike | None = None, name: str = "antelopev2") -> Path:
+    """Find the ONNX file of the SCRFD detector.
+
+    Looks in ``model_dir`` (config), else ``$INSIGHTFACE_HOME/models/<name>`` or
+    ``~/.insightface/models/<name>`` (also one nested ``<name>/`` level, as some zips unpack).
+    Accepts ``scrfd*.onnx`` (antelopev2) and ``det_*.onnx`` (buffalo_*).
+
+    Raises:
+        AssetError: one line, naming the folder searched and where to get the model pack.
+    """
+    if model_dir is not None:
+        base = Path(model_dir).expanduser()
+    else:
+        root = Path(os.environ.get("INSIGHTFACE_HOME", Path.home() / ".insightface")).expanduser()
+        base = root / "models" / name
+    candidates: list[Path] = []
+    if base.is_file() and base.suffix == ".onnx":
+        return base
+    for d in (base, base / name):
+        if d.is_dir():
+            candidates += sorted(d.glob("scrfd*.onnx")) + sorted(d.glob("det_*.onnx"))
+    if candidates:
+        return candidates[0]
+    url = INSIGHTFACE_URLS.get(name, "the insightface model zoo (github.com/deepinsight/insightface)")
+    raise AssetError(
+        f"no SCRFD detector (scrfd*.onnx / det_*.onnx) in {base}: download {url} and unzip it there, "
+        f"set the detector directory in the config, or give 5-point .kps.txt sidecars / aligned crops"
+    )
+
+
+class SCRFDDetector:
+    """SCRFD face detector through insightface + onnxruntime (the ``detect`` extra).
+
+    Args:
+        model_dir: folder (or ``.onnx`` file) of the model pack; default
+            ``~/.insightface/models/<name>``.
+        name: model pack name (``"antelopev2"``, used by MICA and OFER, or ``"buffalo_l"``).
+        det_size: detector input size ``(w, h)``. OFER/MICA used ``(224, 224)``; the default
+            ``(640, 640)`` finds small faces in large photos.
+        det_thresh: score threshold (0.5 as insightface).
+        providers: onnxruntime providers (default CPU).
+
+    ``detect`` takes a **BGR** uint8 image, as insightface expects.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike | None = None, name: str = "antelopev2",
+                 det_size: tuple[int, int] = (640, 640), det_thresh: float = 0.5,
+                 providers: Sequence[str] | None = None) -> None:
+        onnx_path = resolve_detector_dir(model_dir, name)
+        try:
+            from insightface.model_zoo import get_model  # noqa: PLC0415 (optional extra)
+        except ImportError as exc:
+            raise OferError(
+                f"face detection needs the optional extra 'detect' (pip install 'ofer[detect]': insightface, "
+                f"onnxruntime); import failed: {exc}; alternatively give .kps.txt sidecars or aligned crops"
+            ) from exc
+        model = get_model(str(onnx_path), providers=list(providers or ["CPUExecutionProvider"]))
+        if model is None or not hasattr(model, "detect"):
+            raise AssetError(f"{onnx_path} is not an insightface detection model")
+        model.prepare(ctx_id=-1, input_size=tuple(det_size), det_thresh=det_thresh)
+        self.model = model
+        self.path = onnx_path
+        self.det_size = tuple(det_size)
+
+    def detect(self, img: np.ndarray, max_num: int = 0, metric: str = "default") -> tuple[np.ndarray, np.ndarray | None]:
+        """``img`` (H, W, 3) uint8 BGR -> ``(boxes (N, 5), kps (N, 5, 2))``."""
+        return self.model.detect(img, max_num=max_num, metric=metric)

@@ -1,0 +1,403 @@
+"""Reading real-world image files and turning them into OFER's two face crops.
+
+:func:`read_image` accepts what people actually have (JPEG, PNG, WebP, BMP, TIFF, GIF; EXIF
+rotation; grayscale, palette, CMYK, RGBA, 16-bit) and returns an ``(H, W, 3)`` uint8 RGB array,
+or raises :class:`~ofer.errors.ImageError` with a one-line reason (missing, not an image,
+truncated, too small, too large).
+
+:func:`prepare_face` finds the 5 facial keypoints (a sidecar file, pre-aligned input, or a
+detector) and makes the ArcFace input and the FaRL crop (:class:`PreparedFace`). Every
+failure is an ``ImageError``, so a batch loop can record the reason and go on.
+
+Keypoint sources, in order:
+
+1. ``kps=`` given by the caller;
+2. ``aligned=True``: the image is a square ArcFace-aligned crop whose side is a multiple of
+   112 (``norm_crop`` output: 112, 224, ...); its keypoints are the template scaled to it;
+3. a sidecar next to the image: ``photo.kps.txt`` (5 lines ``x y``) or ``photo.kps.npy``
+   (``(5, 2)`` float), in pixels of the image as displayed (after EXIF rotation), in
+   insightface order (image-left eye, image-right eye, nose, image-left mouth corner,
+   image-right mouth corner);
+4. the detector (``detect`` interface of insightface's SCRFD), run on a copy whose long
+   side is at most ``detect_max_side``; the face whose box centre is closest to the image
+   centre is used.
+
+Without a detector box (cases 1-3), the face box for the FaRL crop is
+:func:`ofer.data.align.box_from_kps`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ImageError
+from .align import (
+    ARCFACE_TEMPLATE,
+    Detector,
+    arcface_blob,
+    box_from_kps,
+    estimate_norm,
+    farl_crop_matrix,
+    select_center_face,
+    warp_affine,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "PreparedFace",
+    "read_image",
+    "read_sidecar_kps",
+    "sidecar_paths",
+    "iter_images",
+    "prepare_face",
+    "prepare_face_array",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+#: Images with more pixels than this are refused (a decompression bomb guard; 250 MP).
+MAX_PIXELS = 250_000_000
+
+
+@dataclass
+class PreparedFace:
+    """The two network inputs made from one image.
+
+    Attributes:
+        arcface: ``(3, 112, 112)`` float32 in [-1, 1], channels in ``channel_order``.
+        farl_crop: ``(224, 224, 3)`` uint8 RGB (OFER's 1.6x face-box crop).
+        kps: ``(5, 2)`` float32 keypoints in pixels of the (EXIF-rotated) image.
+        box: ``(4,)`` float32 face box ``(left, top, right, bottom)`` in the same pixels.
+        score: detector score, or ``None`` when the keypoints came from elsewhere.
+        source: ``"detector"``, ``"sidecar"``, ``"aligned"`` or ``"given"``.
+        n_faces: faces found by the detector (1 for the other sources).
+        image_size: ``(height, width)`` of the image.
+        channel_order: ``"bgr"`` or ``"rgb"``, the order of ``arcface``'s channels.
+        path: the file, when read from one.
+    """
+
+    arcface: np.ndarray
+    farl_crop: np.ndarray
+    kps: np.ndarray
+    box: np.ndarray
+    score: float | None
+    source: str
+    n_faces: int
+    image_size: tuple[int, int]
+    channel_order: str
+    path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _to_uint8_rgb(img: Any) -> np.ndarray:
+    """PIL image of any mode -> (H, W, 3) uint8 RGB."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        # 16-bit data (PNG/TIFF) spans 0..65535; 32-bit 'I' with small values is treated as 8-bit.
+        peak = 65535.0 if (mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
+        gray = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        finite = arr[np.isfinite(arr)]
+        peak = 1.0 if finite.size and finite.max() <= 1.0 else 255.0
+        gray = np.clip(np.rint(np.nan_to_num(arr) * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def read_image(path: str | os.PathLike, min_side: int = 1) -> np.ndarray:
+    """Read an image file as ``(H, W, 3)`` uint8 RGB, with EXIF orientation applied.
+
+    16-bit images are scaled to 8 bits (``/257``), transparent images are composited on
+    white, animated files give their first frame.
+
+    Raises:
+        ImageError: one line: file missing, not an image, truncated / corrupt, smaller than
+            ``min_side`` pixels, or larger than :data:`MAX_PIXELS`.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ImageError(f"{p}: file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise ImageError(f"{p}: image too large ({w}x{h} px; at most {MAX_PIXELS:,} px)")
+                img.seek(0)
+                img.load()
+                try:
+                    img = ImageOps.exif_transpose(img)
+                except Exception:  # broken EXIF: keep the stored orientation
+                    pass
+                arr = _to_uint8_rgb(img)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{p}: not an image file (or an unsupported format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{p}: image too large ({_first_line(exc)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{p}: truncated or corrupt image ({_first_line(exc)})") from None
+    if min(arr.shape[:2]) < min_side:
+        raise ImageError(f"{p}: image too small ({arr.shape[1]}x{arr.shape[0]} px; at least {min_side} px needed)")
+    return arr
+
+
+def sidecar_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``photo.jpg`` -> ``(photo.kps.txt, photo.kps.npy)``."""
+    p = Path(path)
+    return p.with_suffix(".kps.txt"), p.with_suffix(".kps.npy")
+
+
+def read_sidecar_kps(path: str | os.PathLike) -> np.ndarray | None:
+    """The 5 keypoints from the image's sidecar file, or ``None`` when there is none.
+
+    Raises:
+        ImageError: the sidecar exists but is not 5 finite ``x y`` pairs.
+    """
+    txt, npy = sidecar_paths(path)
+    if txt.is_file():
+        src = txt
+        try:
+            rows = [line.replace(",", " ").split() for line in txt.read_text().splitlines()]
+            rows = [r for r in rows if r and not r[0].startswith("#")]
+            kps = np.array([[float(v) for v in r] for r in rows], dtype=np.float64)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ImageError(f"{txt}: expected 5 lines 'x y' ({_first_line(exc)})") from None
+    elif npy.is_file():
+        src = npy
+        try:
+            kps = np.asarray(np.load(npy, allow_pickle=False), dtype=np.float64)
+        except (ValueError, OSError) as exc:
+            raise ImageError(f"{npy}: not a (5, 2) float array ({_first_line(exc)})") from None
+    else:
+        return None
+    if kps.shape != (5, 2) or not np.all(np.isfinite(kps)):
+        raise ImageError(f"{src}: expected 5 keypoints (5 rows of 'x y'), got shape {kps.shape}")
+    return kps
+
+
+def iter_images(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Image files under ``root`` (by extension, case-insensitive), sorted, skipping ``exclude``."""
+    root = Path(root)
+    if root.is_file():
+        yield root
+        return
+    ex = Path(exclude).resolve() if exclude is not None else None
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        dirnames.sort()
+        if ex is not None:
+            dirnames[:] = [n for n in dirnames if (d / n).resolve() != ex]
+        for name in sorted(filenames):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                yield d / name
+
+
+# --------------------------------------------------------------------------------------
+# Cropping
+# --------------------------------------------------------------------------------------
+def _reduce_for_warp(image: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Box-filter ``image`` by an integer factor when ``m`` shrinks it more than 2x.
+
+    Returns the (possibly) reduced image and the matrix adjusted to it. Bilinear sampling
+    alone would alias (as ``cv2.warpAffine`` does) when a large face is warped to 112 px.
+    """
+    from PIL import Image
+
+    scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
+    k = int(1.0 / scale) if scale > 0 else 1
+    if k < 2:
+        return image, m
+    small = np.asarray(Image.fromarray(image).reduce(k))
+    # reduced pixel i covers original pixels k*i .. k*i+k-1, centred at k*i + (k-1)/2
+    s = np.array([[k, 0.0, (k - 1) / 2.0], [0.0, k, (k - 1) / 2.0], [0.0, 0.0, 1.0]])
+    return small, (np.vstack([m, [0, 0, 1]]) @ s)[:2]
+
+
+def _crop(image: np.ndarray, m: np.ndarray, size: int, antialias: bool) -> np.ndarray:
+    if antialias:
+        image, m = _reduce_for_warp(image, m)
+    return warp_affine(image, m, size)
+
+
+def _detect(detector: Detector, image: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    det_img = image
+    if max(h, w) > max_side:
+        factor = max_side / float(max(h, w))
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        det_img = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
+    boxes, kpss = detector.detect(np.ascontiguousarray(det_img[..., ::-1]), max_num=0, metric="default")
+    boxes = np.zeros((0, 5)) if boxes is None else np.asarray(boxes, dtype=np.float64)
+    boxes = boxes.reshape(-1, boxes.shape[-1]) if boxes.size else np.zeros((0, 5))
+    if boxes.shape[0] and kpss is None:
+        raise ImageError("the detector returned boxes without 5-point keypoints (use an SCRFD *_kps model)")
+    kpss = np.zeros((0, 5, 2)) if kpss is None else np.asarray(kpss, dtype=np.float64).reshape(-1, 5, 2)
+    if det_img is not image:
+        # PIL's resize maps pixel centres: x_full = (x_small + 0.5) / f - 0.5 (box edges: x_small / f)
+        f = np.array([det_img.shape[1] / float(w), det_img.shape[0] / float(h)])
+        boxes = boxes.copy()
+        boxes[:, 0:4] /= np.tile(f, 2)
+        kpss = (kpss + 0.5) / f - 0.5
+    return boxes, kpss
+
+
+def prepare_face_array(
+    image: np.ndarray,
+    detector: Detector | None = None,
+    *,
+    kps: np.ndarray | None = None,
+    aligned: bool = False,
+    channel_order: str = "bgr",
+    detect_max_side: int = 1600,
+    antialias: bool = True,
+    name: str = "image",
+    source_hint: str | None = None,
+) -> PreparedFace:
+    """:func:`prepare_face` for an ``(H, W, 3)`` uint8 RGB array (``name`` is used in errors)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ImageError(f"{name}: expected an (H, W, 3) uint8 RGB array, got {image.dtype} {image.shape}")
+    h, w = image.shape[:2]
+    score: float | None = None
+    n_faces = 1
+    box = None
+    if kps is not None:
+        source = source_hint or "given"
+    elif aligned:
+        if h != w or h % 112:
+            raise ImageError(
+                f"{name}: an aligned input must be square with a side that is a multiple of 112 "
+                f"(112, 224, ...), got {w}x{h}"
+            )
+        kps = ARCFACE_TEMPLATE * (h / 112.0)
+        source = "aligned"
+    elif detector is not None:
+        if min(h, w) < 16:
+            raise ImageError(f"{name}: image too small for face detection ({w}x{h} px)")
+        boxes, kpss = _detect(detector, image, detect_max_side)
+        n_faces = int(boxes.shape[0])
+        if n_faces == 0:
+            raise ImageError(f"{name}: no face found")
+        i = select_center_face(boxes, image.shape)
+        kps, box = kpss[i], boxes[i, :4]
+        score = float(boxes[i, 4]) if boxes.shape[1] > 4 else None
+        source = "detector"
+    else:
+        raise ImageError(
+            f"{name}: no keypoints: give a detector (the 'detect' extra), a .kps.txt / .kps.npy sidecar, "
+            f"or mark the input as aligned"
+        )
+    kps = np.asarray(kps, dtype=np.float64)
+    if kps.shape != (5, 2) or not np.all(np.isfinite(kps)):
+        raise ImageError(f"{name}: keypoints must be a finite (5, 2) array, got {kps.shape}")
+    try:
+        m112 = estimate_norm(kps, 112)
+        if box is None:
+            box = box_from_kps(kps)
+        m224 = farl_crop_matrix(box, 224)
+    except ValueError as exc:
+        raise ImageError(f"{name}: unusable keypoints ({_first_line(exc)})") from None
+    notes = []
+    inside = (kps[:, 0] >= -0.5) & (kps[:, 0] <= w - 0.5) & (kps[:, 1] >= -0.5) & (kps[:, 1] <= h - 0.5)
+    if not inside.all():
+        if not inside.any():
+            raise ImageError(f"{name}: all 5 keypoints lie outside the {w}x{h} image")
+        notes.append("some keypoints lie outside the image")
+    if n_faces > 1:
+        notes.append(f"{n_faces} faces found; used the one nearest the image centre")
+    aligned_112 = _crop(image, m112, 112, antialias)
+    crop = _crop(image, m224, 224, antialias)
+    return PreparedFace(
+        arcface=arcface_blob(aligned_112, channel_order),
+        farl_crop=crop,
+        kps=kps.astype(np.float32),
+        box=np.asarray(box, dtype=np.float32),
+        score=score,
+        source=source,
+        n_faces=n_faces,
+        image_size=(h, w),
+        channel_order=channel_order,
+        notes=notes,
+    )
+
+
+def prepare_face(
+    path: str | os.PathLike,
+    detector: Detector | None = None,
+    *,
+    kps: np.ndarray | None = None,
+    aligned: bool = False,
+    use_sidecar: bool = True,
+    channel_order: str = "bgr",
+    detect_max_side: int = 1600,
+    antialias: bool = True,
+    min_side: int = 32,
+) -> PreparedFace:
+    """Read one image and make its ArcFace input and FaRL crop.
+
+    Args:
+        path: image file.
+        detector: object with insightface's ``detect(img_bgr, max_num, metric)``
+            (e.g. :class:`ofer.data.align.SCRFDDetector`); used when no keypoints are known.
+        kps: ``(5, 2)`` keypoints in image pixels (overrides everything else).
+        aligned: the file is an ArcFace-aligned square crop (side 112, 224, ...).
+        use_sidecar: look for ``<stem>.kps.txt`` / ``<stem>.kps.npy`` next to the file.
+        channel_order: channel order of the ArcFace blob: ``"bgr"`` (OFER checkpoints) or
+            ``"rgb"`` (MICA).
+        detect_max_side: the detector sees a copy downscaled to this long side; crops are
+            always taken from the full-resolution image.
+        antialias: box-filter before warping when the face is shrunk more than 2x
+            (``False`` reproduces OpenCV's aliased sampling).
+        min_side: smaller images are refused (aligned inputs are exempt).
+
+    Returns:
+        :class:`PreparedFace`.
+
+    Raises:
+        ImageError: one-line reason (unreadable file, bad sidecar, no face, ...).
+    """
+    if channel_order not in ("rgb", "bgr"):
+        raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
+    p = Path(path)
+    image = read_image(p, min_side=1 if aligned else min_side)
+    hint = None
+    if kps is None and not aligned and use_sidecar:
+        kps = read_sidecar_kps(p)
+        hint = "sidecar" if kps is not None else None
+    face = prepare_face_array(
+        image, detector, kps=kps, aligned=aligned, channel_order=channel_order,
+        detect_max_side=detect_max_side, antialias=antialias, name=str(p), source_hint=hint,
+    )
+    face.path = p
+    return face

@@ -1,0 +1,163 @@
+"""Shared conditional-diffusion wrapper for IdGen and ExpGen."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..diffusion import NoiseSchedule, row_generators, sample
+from ..diffusion.noise import fresh_generator
+from ..errors import ConfigError
+from ..nets.unet1d import Denoiser
+
+LOSSES = ("l1", "mse")
+DEFAULT_SCHEDULE = {"kind": "linear", "num_steps": 1000, "beta_1": 1e-4, "beta_T": 1e-2}
+
+
+def _check_keys(cls_name: str, config: dict[str, Any], allowed: Sequence[str]) -> None:
+    if not isinstance(config, dict):
+        raise ConfigError(f"{cls_name} config must be a dict, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"unknown {cls_name} config keys {unknown}; expected some of {list(allowed)}"
+        )
+
+
+class ConditionalDiffusion(nn.Module):
+    """Denoiser ``net`` + schedule ``var_sched`` + epsilon loss + sampling.
+
+    The ``state_dict`` is laid out like the original ``diffusion`` checkpoint entry:
+    ``net.<Denoiser key>`` and ``var_sched.<17 schedule buffers>``.
+    """
+
+    kind: ClassVar[str] = "diffusion"
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        param_dim: int,
+        cond_dim: int,
+        dims: Sequence[int],
+        num_qkv: int = 16,
+        schedule: dict[str, Any] | None = None,
+        loss: str = "l1",
+    ) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ConfigError(f"{type(self).__name__} loss must be one of {LOSSES}, got {loss!r}")
+        self.net = Denoiser(param_dim, cond_dim, dims, num_qkv)
+        try:
+            self.var_sched = NoiseSchedule.from_config(dict(schedule or DEFAULT_SCHEDULE))
+        except ValueError as exc:
+            raise ConfigError(f"{type(self).__name__} schedule: {exc}") from exc
+        self.loss_type = loss
+
+    # ----------------------------------------------------------------- config
+    @property
+    def param_dim(self) -> int:
+        return self.net.param_dim
+
+    @property
+    def cond_dim(self) -> int:
+        return self.net.cond_dim
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Plain dict of the architecture; ``type(self).from_config(config)`` rebuilds it."""
+        return {
+            "param_dim": self.net.param_dim,
+            "cond_dim": self.net.cond_dim,
+            "dims": list(self.net.dims),
+            "num_qkv": self.net.num_qkv,
+            "schedule": dict(self.var_sched.config),
+            "loss": self.loss_type,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ConditionalDiffusion":
+        """Build from :attr:`config` (missing keys take the class defaults)."""
+        _check_keys(cls.__name__, config, list(cls.DEFAULTS))
+        merged = {**cls.DEFAULTS, **config}
+        return cls(**merged)
+
+    # ---------------------------------------------------------------- training
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """Predicted epsilon (B, D) for x_t (B, D), t (B,) int64, cond (B, C)."""
+        return self.net(x_t, t, cond)
+
+    def training_loss(
+        self, x0: Tensor, cond: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Epsilon-prediction loss at uniformly drawn time steps.
+
+        Args:
+            x0: (B, D) clean parameters. cond: (B, C) conditions.
+            generator: draws ``t ~ U{0..T-1}`` and ``eps ~ N(0, I)`` (on its device);
+                None = a fresh non-deterministic generator.
+
+        Returns:
+            ``(loss, stats)``: the scalar mean loss and ``{"loss": (B,) per-sample loss
+            (detached), "t": (B,) int64}``. The loss is ``mean |eps_hat - eps|`` ("l1", the
+            original) or ``mean (eps_hat - eps)^2`` ("mse").
+        """
+        g = generator if generator is not None else fresh_generator()
+        b = x0.shape[0]
+        t = torch.randint(0, self.var_sched.num_steps, (b,), generator=g, device=g.device)
+        eps = torch.randn(x0.shape, generator=g, device=g.device, dtype=x0.dtype)
+        t, eps = t.to(x0.device), eps.to(x0.device)
+        x_t = self.var_sched.add_noise(x0, t, eps)
+        pred = self.net(x_t, t, cond)
+        diff = pred - eps
+        per = diff.abs().mean(dim=1) if self.loss_type == "l1" else diff.pow(2).mean(dim=1)
+        return per.mean(), {"loss": per.detach(), "t": t}
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Tensor,
+        n: int,
+        method: str = "dpmpp_2m",
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        x_T: Tensor | None = None,
+        image_indices: Sequence[int] | None = None,
+        eta: float = 0.0,
+    ) -> Tensor:
+        """Draw ``n`` hypotheses per condition in one batched loop of ``B * n`` rows.
+
+        Args:
+            cond: (B, C) conditions.
+            n: hypotheses per condition.
+            method, steps, eta: see :func:`ofer.diffusion.sample` (``"legacy_ddim"`` is
+                the released IdGen sampler, ``"ddpm"`` the released ExpGen sampler).
+            seed: hypothesis ``k`` of image ``i`` is drawn from ``(seed, image_indices[i], k)``
+                only, whatever the batch size.
+            generator: used only to draw a base seed when ``seed`` is None.
+            x_T: (B, n, D) or (B * n, D) initial noise (then no seed is needed for
+                deterministic methods).
+            image_indices: global index of each image (default ``0..B-1``).
+
+        Returns:
+            (B, n, D) float32.
+        """
+        b = cond.shape[0]
+        rows = cond.repeat_interleave(n, dim=0)
+        if image_indices is None:
+            image_indices = range(b)
+        elif len(image_indices) != b:
+            raise ValueError(f"image_indices has {len(image_indices)} entries for {b} conditions")
+        if seed is None:
+            g = generator if generator is not None else fresh_generator()
+            seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device).item())
+        gens = row_generators(seed, n, list(image_indices))
+        if x_T is not None:
+            x_T = x_T.reshape(b * n, self.param_dim)
+        out = sample(self.net, rows, self.var_sched, method, steps=steps, x_T=x_T,
+                     generator=gens, eta=eta, param_dim=self.param_dim)
+        return out.float().reshape(b, n, self.param_dim)

@@ -1,0 +1,430 @@
+"""The training loop shared by IdGen, ExpGen and IdRank.
+
+A :class:`TrainTask` says what the model is and how to compute the loss; :func:`run_training`
+does everything else: AdamW parameter groups, EMA, bf16 autocast on GPU, gradient clipping,
+the NaN/inf guard, DistributedDataParallel, TensorBoard scalars, periodic validation and
+sample meshes, and checkpoints that resume exactly.
+
+Exact resume. Every source of randomness in a step is a pure function of ``(seed, step,
+rank)``: the batch (:class:`~ofer.data.datasets.StreamBatchSampler` keys), the item-level
+augmentation (seeded per stream position), and the ``torch.Generator`` handed to the loss
+(re-seeded every step). The learning rate is a function of the step. The checkpoint holds
+the model, the EMA, the optimiser state, the step and the global torch RNG state, so a run
+killed at any moment and restarted with ``resume=true`` reproduces the loss sequence of an
+uninterrupted run (bit for bit on CPU).
+
+Checkpoints (``<run_dir>/checkpoints/``, written atomically by rank 0): ``latest.pt`` every
+``train.ckpt_every`` steps and at the end, ``best.pt`` whenever the validation metric (or,
+without validation, the mean training loss since the previous checkpoint) improves. Contents:
+``{"model", "ema", "optimizer", "step", "config", "kind", "version", "rng", "best_metric"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..config import config_to_dict, save_config
+from ..errors import CheckpointError, ConfigError, OferError
+from .checkpoint import read_checkpoint, save_checkpoint
+from .dist import DistInfo, all_reduce_mean, any_flag, barrier, init_distributed
+from .ema import EMA
+
+__all__ = [
+    "TrainTask",
+    "TrainResult",
+    "TrainingDiverged",
+    "run_training",
+    "step_seed",
+    "lr_factor",
+    "flatten_views",
+    "latest_checkpoint",
+]
+
+log = logging.getLogger("ofer.train")
+
+
+class TrainingDiverged(OferError):
+    """The loss or the gradient became NaN/inf; training stopped, the last checkpoint is kept."""
+
+
+class TrainTask:
+    """What :func:`run_training` needs to know about a model. Subclass and fill in.
+
+    Attributes:
+        kind: checkpoint kind (``"idgen"``, ``"expgen"``, ``"idrank"``).
+        model: the module saved as ``"model"`` (everything that is trained).
+        ema_prefixes: names of the submodules averaged by the EMA (None = all).
+        num_steps: diffusion steps T, for the loss-by-timestep-quartile scalars (0 = none).
+    """
+
+    kind: str = "task"
+    model: nn.Module
+    ema_prefixes: Optional[Sequence[str]] = None
+    num_steps: int = 0
+    metric_name: str = "val/metric"
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups ``{"name", "params", "lr"}``; frozen parameters must be left out."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss and per-example stats (``"loss"`` (B,), optionally ``"t"`` (B,))."""
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, dataset: Any, generator: torch.Generator) -> dict[str, float]:
+        """Held-out metrics (lower ``metric_name`` is better). Runs on rank 0, EMA weights."""
+        return {}
+
+    def write_samples(self, model: nn.Module, dataset: Any, out_dir: Path,
+                      generator: torch.Generator) -> None:
+        """Write sample meshes (PLY) for a few items. Runs on rank 0, EMA weights."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run reports."""
+
+    step: int
+    losses: list[float] = field(default_factory=list)  # global mean loss of each step run here
+    run_dir: Optional[Path] = None
+    best_metric: float = math.inf
+    metrics: dict[str, float] = field(default_factory=dict)
+    data_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of the loss generator at ``step`` on ``rank`` (a 63-bit mix)."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xBF58476D1CE4E5B9 + int(rank) * 0x94D049BB133111EB)
+    x ^= x >> 31
+    return x % (2**63 - 1)
+
+
+def lr_factor(step: int, max_steps: int, warmup: int, schedule: str) -> float:
+    """Multiplier of every group's base learning rate at ``step`` (0-based)."""
+    f = 1.0
+    if warmup > 0 and step < warmup:
+        f = (step + 1) / warmup
+    if schedule == "cosine":
+        f *= 0.5 * (1.0 + math.cos(math.pi * min(step, max_steps) / max(max_steps, 1)))
+    return f
+
+
+def flatten_views(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """(B,K,...) -> (B*K,...) for every per-image tensor; ``index`` (B,) is repeated K times."""
+    k = batch["arcface"].shape[1] if "arcface" in batch else 1
+    out = {}
+    for name, v in batch.items():
+        if name == "index":
+            out[name] = v.repeat_interleave(k)
+        elif v.dim() >= 2:
+            out[name] = v.flatten(0, 1)
+        else:
+            out[name] = v
+    return out
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    p = Path(run_dir) / "checkpoints" / "latest.pt"
+    return p if p.is_file() else None
+
+
+class _LossModule(nn.Module):
+    """Puts ``task.loss`` behind ``forward`` so that DDP synchronises its gradients."""
+
+    def __init__(self, task: TrainTask) -> None:
+        super().__init__()
+        self.model = task.model
+        self._task = [task]  # not a submodule
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
+        return self._task[0].loss(self.model, batch, generator)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _setup_logging(run_dir: Path, is_main: bool) -> None:
+    if not is_main:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = str(run_dir / "log.txt")
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(Path(path).resolve())
+               for h in log.handlers):
+        fh = logging.FileHandler(path)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(fh)
+    log.setLevel(logging.INFO)
+
+
+def run_training(
+    cfg: Any,
+    task: TrainTask,
+    train_set: Any,
+    val_set: Any = None,
+    dist: Optional[DistInfo] = None,
+    on_step: Optional[Callable[[int, float], None]] = None,
+) -> TrainResult:
+    """Train ``task.model`` on ``train_set`` as configured by ``cfg`` (a training schema).
+
+    Args:
+        cfg: ``IdGenTrainConfig`` / ``ExpGenTrainConfig`` / ``IdRankTrainConfig`` (uses the
+            keys ``seed, resume, run_dir, data, optim, ema, train, val``).
+        task: the model and its loss.
+        train_set: map-style dataset taking :class:`StreamBatchSampler` keys.
+        val_set: optional held-out dataset (integer keys) for ``task.validate``.
+        dist: process placement (default: :func:`init_distributed` from the environment).
+        on_step: called as ``on_step(step, loss)`` after every optimiser step (tests use it
+            to stop a run abruptly).
+
+    Returns:
+        :class:`TrainResult`.
+
+    Raises:
+        TrainingDiverged: a non-finite loss or gradient (nothing is saved for that step).
+        CheckpointError: ``resume`` finds a checkpoint of another kind.
+    """
+    from ..data.datasets import StreamBatchSampler
+
+    dist = dist or init_distributed(cfg.train.device)
+    device = dist.device
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    _setup_logging(run_dir, dist.is_main)
+    if cfg.data.actors_per_batch % dist.world_size:
+        raise ConfigError(f"config key 'data.actors_per_batch' ({cfg.data.actors_per_batch}) must be "
+                          f"divisible by the number of processes ({dist.world_size})")
+    local_batch = cfg.data.actors_per_batch // dist.world_size
+
+    model = task.model.to(device)
+    groups = task.param_groups()
+    for g in groups:
+        g["params"] = [p for p in g["params"] if p.requires_grad]
+        g.setdefault("initial_lr", g["lr"])
+    groups = [g for g in groups if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=groups[0]["lr"] if groups else 0.0,
+                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)
+    ema = EMA(model, cfg.ema.decay, task.ema_prefixes) if cfg.ema.enabled else None
+
+    # ---- resume -------------------------------------------------------------------------
+    step, best = 0, math.inf
+    ckpt_path = latest_checkpoint(run_dir) if cfg.resume else None
+    if ckpt_path is not None:
+        ck = read_checkpoint(ckpt_path, map_location="cpu")
+        if ck.get("kind") != task.kind:
+            raise CheckpointError(f"checkpoint {ckpt_path} is a {ck.get('kind')!r} checkpoint, "
+                                  f"expected {task.kind!r}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
+        step = int(ck["step"])
+        best = float(ck.get("best_metric", math.inf))
+        rng = ck.get("rng") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if dist.is_main:
+            log.info("resumed from %s at step %d", ckpt_path, step)
+    elif cfg.resume and dist.is_main:
+        log.info("resume=true but no checkpoint in %s: starting from step 0", ckpt_dir)
+    if ema is not None:
+        for name, s in ema.shadow.items():
+            ema.shadow[name] = s.to(device)
+        if ckpt_path is None:
+            ema.update(model, decay=0.0)
+
+    if dist.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+
+    # ---- DDP ------------------------------------------------------------------------------
+    loss_module: nn.Module = _LossModule(task)
+    if dist.distributed:
+        loss_module = nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    params = [p for g in groups for p in g["params"]]
+
+    writer = None
+    if dist.is_main and cfg.train.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            log.warning("tensorboard is not installed: no TensorBoard scalars")
+
+    sampler = StreamBatchSampler(len(train_set), local_batch, seed=cfg.seed, rank=dist.rank,
+                                 world_size=dist.world_size, start_step=step)
+    nw = cfg.data.num_workers
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_sampler=sampler, num_workers=nw, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=2 if nw > 0 else None)
+
+    result = TrainResult(step=step, run_dir=run_dir, best_metric=best)
+    bar = None
+    if dist.is_main and cfg.train.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, initial=step, desc=task.kind, dynamic_ncols=True)
+
+    window: list[float] = []
+    last_saved = step if ckpt_path is not None else -1
+
+    def save(path_name: str) -> None:
+        payload = {
+            "model": model.state_dict(),
+            "ema": ema.full_state_dict(model) if ema is not None else None,
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "config": config_to_dict(cfg),
+            "kind": task.kind,
+            "rng": {"torch": torch.get_rng_state()},
+            "best_metric": best if math.isfinite(best) else float("inf"),
+        }
+        save_checkpoint(ckpt_dir / path_name, payload)
+
+    def evaluate_and_sample(do_val: bool, do_samples: bool) -> Optional[float]:
+        metric = None
+        model.eval()
+        ctx = ema.swapped_in(model) if ema is not None else _nullcontext()
+        with ctx, torch.no_grad():
+            if do_val and val_set is not None:
+                g = torch.Generator(device=device).manual_seed(cfg.val.seed)
+                metrics = task.validate(model, val_set, g)
+                result.metrics = dict(metrics)
+                for k, v in metrics.items():
+                    if writer is not None:
+                        writer.add_scalar(k, v, step)
+                log.info("step %d validation: %s", step,
+                         ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                metric = metrics.get(task.metric_name)
+            if do_samples:
+                g = torch.Generator(device=device).manual_seed(cfg.val.seed + 1)
+                task.write_samples(model, val_set if val_set is not None else train_set,
+                                   run_dir / "samples" / f"{step:07d}", g)
+        model.train()
+        return metric
+
+    model.train()
+    it = iter(loader)
+    try:
+        while step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            batch = _to_device(next(it), device)
+            t1 = time.perf_counter()
+            f = lr_factor(step, cfg.train.max_steps, cfg.optim.warmup_steps, cfg.optim.lr_schedule)
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * f
+            gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, dist.rank))
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, stats = loss_module(batch, gen)
+            loss = loss.float()
+            if cfg.train.nan_guard and any_flag(not bool(torch.isfinite(loss)), device):
+                raise TrainingDiverged(
+                    f"non-finite loss at step {step} ({loss.item()}); stopped, the last good "
+                    f"checkpoint is {ckpt_dir / 'latest.pt'}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+            gnorm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
+            if cfg.train.nan_guard and any_flag(not bool(torch.isfinite(gnorm)), device):
+                raise TrainingDiverged(
+                    f"non-finite gradient norm at step {step}; stopped, the last good checkpoint "
+                    f"is {ckpt_dir / 'latest.pt'}")
+            opt.step()
+            step += 1
+            if ema is not None:
+                ema.update(model, decay=0.0 if step <= cfg.ema.start_step else None)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t2 = time.perf_counter()
+            result.data_seconds += t1 - t0
+            result.compute_seconds += t2 - t1
+
+            gl = float(all_reduce_mean(loss.detach()).item())
+            result.losses.append(gl)
+            result.step = step
+            window.append(gl)
+            if on_step is not None:
+                on_step(step, gl)
+
+            if dist.is_main:
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{gl:.4f}")
+                if cfg.train.log_every and step % cfg.train.log_every == 0:
+                    _log_scalars(writer, step, gl, stats, task.num_steps, opt, float(gnorm))
+
+            do_val = bool(cfg.train.val_every) and step % cfg.train.val_every == 0 and val_set is not None
+            do_samples = bool(cfg.train.sample_every) and step % cfg.train.sample_every == 0
+            do_ckpt = bool(cfg.train.ckpt_every) and step % cfg.train.ckpt_every == 0
+            if (do_val or do_samples) and dist.is_main:
+                metric = evaluate_and_sample(do_val, do_samples)
+                if metric is not None and metric < best:
+                    best = metric
+                    result.best_metric = best
+                    save("best.pt")
+            if do_ckpt and dist.is_main:
+                if val_set is None or not cfg.train.val_every:
+                    m = sum(window) / max(len(window), 1)
+                    if m < best:
+                        best = m
+                        result.best_metric = best
+                        save("best.pt")
+                window = []
+                save("latest.pt")
+                last_saved = step
+            if do_val or do_samples or do_ckpt:
+                barrier()
+        if dist.is_main and last_saved != step:
+            save("latest.pt")
+    finally:
+        del it
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.flush()
+            writer.close()
+    result.step = step
+    return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _log_scalars(writer, step: int, loss: float, stats: dict, num_steps: int,
+                 opt: torch.optim.Optimizer, gnorm: float) -> None:
+    lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}
+    log.info("step %d loss %.5f grad_norm %.4g lr %s", step, loss, gnorm,
+             " ".join(f"{k}={v:.3g}" for k, v in lrs.items()))
+    if writer is None:
+        return
+    writer.add_scalar("train/loss", loss, step)
+    writer.add_scalar("train/grad_norm", gnorm, step)
+    for k, v in lrs.items():
+        writer.add_scalar(f"lr/{k}", v, step)
+    per, t = stats.get("loss"), stats.get("t")
+    if per is not None and t is not None and num_steps:
+        q = (t.detach().float() * 4 / num_steps).long().clamp(0, 3)
+        per = per.detach().float()
+        for i in range(4):
+            sel = q == i
+            if bool(sel.any()):
+                writer.add_scalar(f"train/loss_q{i}", float(per[sel].mean()), step)

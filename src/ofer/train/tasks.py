@@ -1,0 +1,304 @@
+"""The three training tasks: IdGen, ExpGen and IdRank on top of :mod:`ofer.train.loop`.
+
+Each trained module is a :class:`ConditionedModel` (image encoders + one head) so that a
+checkpoint's ``"model"``/``"ema"`` state_dict holds everything inference needs:
+
+* IdGen:  ``arcface.*`` (IResNet) + ``head.*`` (``ofer.models.IdGen``); cond = normalize(ArcFace).
+* ExpGen: ``farl.*`` + ``arcface.*`` + ``head.*`` (``ExpGen``); cond = [FaRL | normalize(ArcFace)].
+* IdRank: ``farl.*`` + ``arcface.*`` + ``head.*`` (``IdRank``); scores N frozen-IdGen samples.
+
+The EMA covers ``head.`` (the denoiser / ranker). The heads only need the interface
+``training_loss(x0, cond, generator) -> (loss, {"loss": (B,), "t": (B,)})`` and
+``sample(cond, n, method=, steps=, generator=) -> (B,n,D)`` (generators), or
+``features / forward / training_loss / select`` (ranker), so tests can use stand-ins.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .loop import TrainTask, flatten_views
+
+__all__ = [
+    "ConditionedModel",
+    "IdGenTask",
+    "ExpGenTask",
+    "IdRankTask",
+    "vertex_error_mm",
+    "write_ply",
+]
+
+VertexFn = Callable[..., torch.Tensor]  # (shape_coeffs, exp_coeffs=None, jaw_pose=None) -> (B,V,3) m
+
+
+class ConditionedModel(nn.Module):
+    """Image encoders + a head. ``condition`` builds the OFER condition vector.
+
+    Args:
+        head: IdGen / ExpGen / IdRank.
+        arcface: IResNet (its output is L2-normalised here).
+        farl: optional FaRL encoder; when present cond = ``cat([farl(x224), arcface])``.
+    """
+
+    def __init__(self, head: nn.Module, arcface: nn.Module, farl: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.farl = farl
+        self.arcface = arcface
+        self.head = head
+
+    def condition(self, arcface_x: torch.Tensor, farl_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B,3,112,112) [and (B,3,S,S)] -> (B,512) or (B,512+E) float32."""
+        a = torch.nn.functional.normalize(self.arcface(arcface_x).float(), dim=-1)
+        if self.farl is None:
+            return a
+        return torch.cat([self.farl(farl_x).float(), a], dim=-1)
+
+
+def _cond(model: ConditionedModel, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.condition(b["arcface"], b.get("farl") if model.farl is not None else None)
+
+
+def vertex_error_mm(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Mean per-vertex Euclidean distance in mm: (...,V,3) metres -> (...)."""
+    return (pred - gt).norm(dim=-1).mean(-1) * 1000.0
+
+
+def write_ply(path: str | Path, vertices_mm: np.ndarray, faces: Optional[np.ndarray] = None) -> None:
+    """ASCII PLY of a mesh (or a point cloud when ``faces`` is None); coordinates in mm."""
+    v = np.asarray(vertices_mm, dtype=np.float64)
+    lines = ["ply", "format ascii 1.0", "comment units: millimetres", f"element vertex {len(v)}",
+             "property float x", "property float y", "property float z"]
+    if faces is not None:
+        lines += [f"element face {len(faces)}", "property list uchar int vertex_indices"]
+    lines.append("end_header")
+    lines += [f"{x:.4f} {y:.4f} {z:.4f}" for x, y, z in v]
+    if faces is not None:
+        lines += ["3 " + " ".join(str(int(i)) for i in f) for f in np.asarray(faces)]
+    from .checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+
+
+def _val_batches(dataset: Any, max_items: int, chunk: int = 8):
+    n = min(len(dataset), max_items)
+    for s in range(0, n, chunk):
+        items = [dataset[i] for i in range(s, min(n, s + chunk))]
+        yield flatten_views(torch.utils.data.default_collate(items))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _groups(model: ConditionedModel, head_lr: float, arcface_lr: float,
+            farl_lr: Optional[float], head_name: str) -> list[dict[str, Any]]:
+    groups = []
+    if model.farl is not None and farl_lr is not None:
+        groups.append({"name": "farl", "params": list(model.farl.parameters()), "lr": farl_lr})
+    groups.append({"name": "arcface", "params": list(model.arcface.parameters()), "lr": arcface_lr})
+    groups.append({"name": head_name, "params": list(model.head.parameters()), "lr": head_lr})
+    return groups
+
+
+class _GenTask(TrainTask):
+    ema_prefixes = ["head."]
+    metric_name = "val/mean_sample_mm"
+
+    def __init__(self, cfg: Any, model: ConditionedModel, vertices: Optional[VertexFn] = None,
+                 faces: Optional[np.ndarray] = None) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.vertices = vertices
+        self.faces = faces
+        self.num_steps = cfg.diffusion.num_steps
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        farl_lr = self.cfg.farl.lr if hasattr(self.cfg, "farl") else None
+        return _groups(self.model, self.cfg.diffusion.lr, self.cfg.arcface.lr, farl_lr, "diffusion")
+
+    def target(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, model, batch, generator):
+        b = flatten_views(batch)
+        cond = _cond(model, b)
+        x0 = self.target(b).float()
+        with torch.autocast(device_type=x0.device.type, enabled=False):
+            return model.head.training_loss(x0, cond.float(), generator=generator)
+
+    def _sample(self, model, b, generator, n=None):
+        cond = _cond(model, b)
+        v = self.cfg.val
+        return model.head.sample(cond.float(), n or v.num_samples, method=v.method, steps=v.steps,
+                                 generator=generator).float()
+
+
+class IdGenTask(_GenTask):
+    """x0 = the first ``n_shape`` shape coefficients; cond = normalize(ArcFace)."""
+
+    kind = "idgen"
+
+    def target(self, b):
+        return b["shape_coeffs"][:, : self.cfg.n_shape]
+
+    def _verts(self, shape):
+        pad = self.cfg.flame.n_shape - shape.shape[-1]
+        if pad:
+            shape = torch.nn.functional.pad(shape, (0, pad))
+        return self.vertices(shape_coeffs=shape)
+
+    def validate(self, model, dataset, generator):
+        if self.vertices is None:
+            return {}
+        errs = {"val/mean_sample_mm": [], "val/sample_mm": [], "val/best_of_n_mm": []}
+        dev = _device_of(model)
+        for b in _val_batches(dataset, self.cfg.val.max_items):
+            b = {k: v.to(dev) for k, v in b.items()}
+            s = self._sample(model, b, generator)  # (B,n,D)
+            B, n, D = s.shape
+            gt = self._verts(self.target(b).float())
+            vs = self._verts(s.reshape(B * n, D)).view(B, n, -1, 3)
+            vm = self._verts(s.mean(1))
+            e = vertex_error_mm(vs, gt[:, None])
+            errs["val/mean_sample_mm"].append(vertex_error_mm(vm, gt))
+            errs["val/sample_mm"].append(e.mean(1))
+            errs["val/best_of_n_mm"].append(e.min(1).values)
+        return {k: float(torch.cat(v).mean()) for k, v in errs.items() if v}
+
+    def write_samples(self, model, dataset, out_dir, generator):
+        if self.vertices is None:
+            return
+        dev = _device_of(model)
+        b = next(_val_batches(dataset, 1, 1))
+        b = {k: v[:1].to(dev) for k, v in b.items()}
+        s = self._sample(model, b, generator, n=4)[0]
+        out_dir = Path(out_dir)
+        for i, v in enumerate(self._verts(s)):
+            write_ply(out_dir / f"sample{i}.ply", v.cpu().numpy() * 1000.0, self.faces)
+        write_ply(out_dir / "gt.ply", self._verts(self.target(b).float())[0].cpu().numpy() * 1000.0,
+                  self.faces)
+
+
+class ExpGenTask(_GenTask):
+    """x0 = [exp_coeffs[:n_exp] | jaw_scale * jaw_pose] (53-d); cond = [FaRL | normalize(ArcFace)]."""
+
+    kind = "expgen"
+
+    def target(self, b):
+        return torch.cat([b["exp_coeffs"][:, : self.cfg.n_exp], b["jaw_pose"] * self.cfg.jaw_scale], -1)
+
+    def _verts(self, shape, x):
+        n = self.cfg.n_exp
+        exp = torch.nn.functional.pad(x[:, :n], (0, self.cfg.flame.n_exp - n))
+        shape = torch.nn.functional.pad(shape, (0, self.cfg.flame.n_shape - shape.shape[-1]))
+        return self.vertices(shape_coeffs=shape, exp_coeffs=exp, jaw_pose=x[:, n:] / self.cfg.jaw_scale)
+
+    def validate(self, model, dataset, generator):
+        if self.vertices is None:
+            return {}
+        errs = {"val/mean_sample_mm": [], "val/sample_mm": []}
+        dev = _device_of(model)
+        for b in _val_batches(dataset, self.cfg.val.max_items):
+            b = {k: v.to(dev) for k, v in b.items()}
+            s = self._sample(model, b, generator)
+            B, n, D = s.shape
+            shape = b["shape_coeffs"].float()
+            gt = self._verts(shape, self.target(b).float())
+            vs = self._verts(shape.repeat_interleave(n, 0), s.reshape(B * n, D)).view(B, n, -1, 3)
+            errs["val/mean_sample_mm"].append(vertex_error_mm(self._verts(shape, s.mean(1)), gt))
+            errs["val/sample_mm"].append(vertex_error_mm(vs, gt[:, None]).mean(1))
+        return {k: float(torch.cat(v).mean()) for k, v in errs.items() if v}
+
+    def write_samples(self, model, dataset, out_dir, generator):
+        if self.vertices is None:
+            return
+        dev = _device_of(model)
+        b = next(_val_batches(dataset, 1, 1))
+        b = {k: v[:1].to(dev) for k, v in b.items()}
+        s = self._sample(model, b, generator, n=4)[0]
+        shape = b["shape_coeffs"][:1].float().expand(len(s), -1)
+        for i, v in enumerate(self._verts(shape, s)):
+            write_ply(Path(out_dir) / f"sample{i}.ply", v.cpu().numpy() * 1000.0, self.faces)
+
+
+class IdRankTask(TrainTask):
+    """Learn to score N samples of a frozen IdGen (ListNet loss against their true errors).
+
+    Args:
+        cfg: ``IdRankTrainConfig``.
+        model: ConditionedModel(IdRank, ArcFace, FaRL).
+        idgen: the frozen IdGen ConditionedModel (EMA weights), never trained here.
+        vertices: FLAME vertices function (metres).
+        front_indices: optional (F,) vertex ids the ranker sees.
+    """
+
+    kind = "idrank"
+    ema_prefixes = ["head."]
+    metric_name = "val/chosen_mm"
+
+    def __init__(self, cfg: Any, model: ConditionedModel, idgen: ConditionedModel, vertices: VertexFn,
+                 front_indices: Optional[torch.Tensor] = None) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.idgen = idgen.requires_grad_(False)
+        self.vertices = vertices
+        self.front = front_indices
+
+    def param_groups(self):
+        return _groups(self.model, self.cfg.ranker.lr, self.cfg.arcface.lr, self.cfg.farl.lr, "ranker")
+
+    def _hypotheses(self, b, generator, method, steps):
+        """(B,N,F,3) sample vertices and (B,F,3) ground truth, in metres (no grad)."""
+        dev = b["arcface"].device
+        self.idgen.to(dev).eval()
+        with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
+            cond = self.idgen.condition(b["arcface"].float())
+            s = self.idgen.head.sample(cond, self.cfg.num_samples, method=method, steps=steps,
+                                       generator=generator).float()
+            B, n, D = s.shape
+            pad = self.cfg.flame.n_shape - D
+            verts = self.vertices(shape_coeffs=torch.nn.functional.pad(s.reshape(B * n, D), (0, pad)))
+            gt = self.vertices(shape_coeffs=torch.nn.functional.pad(
+                b["shape_coeffs"][:, :D].float(), (0, pad)))
+        verts = verts.view(B, n, -1, 3)
+        if self.front is not None:
+            f = self.front.to(dev)
+            verts, gt = verts[:, :, f], gt[:, f]
+        return verts, gt
+
+    def loss(self, model, batch, generator):
+        b = flatten_views(batch)
+        verts, gt = self._hypotheses(b, generator, self.cfg.sample_method, self.cfg.sample_steps)
+        cond = _cond(model, b)
+        feats = model.head.features(verts)
+        scores = model.head(feats, cond).float()
+        out = model.head.training_loss(scores, verts, gt)
+        loss, stats = out if isinstance(out, tuple) else (out, {})
+        stats = dict(stats)
+        stats.setdefault("loss", loss.detach().expand(scores.shape[0]))
+        return loss, stats
+
+    def validate(self, model, dataset, generator):
+        dev = _device_of(model)
+        top1, chosen, mean_s, avg_s, oracle = [], [], [], [], []
+        v = self.cfg.val
+        for b in _val_batches(dataset, v.max_items):
+            b = {k: t.to(dev) for k, t in b.items()}
+            verts, gt = self._hypotheses(b, generator, v.method, v.steps)
+            scores = model.head(model.head.features(verts), _cond(model, b)).float()
+            err = vertex_error_mm(verts, gt[:, None])  # (B,N)
+            pick = scores.argmax(1)
+            top1.append((pick == err.argmin(1)).float())
+            chosen.append(err.gather(1, pick[:, None])[:, 0])
+            mean_s.append(vertex_error_mm(verts.mean(1), gt))
+            avg_s.append(err.mean(1))
+            oracle.append(err.min(1).values)
+        cat = lambda xs: float(torch.cat(xs).mean()) if xs else math.nan  # noqa: E731
+        return {"val/top1": cat(top1), "val/chosen_mm": cat(chosen), "val/mean_sample_mm": cat(mean_s),
+                "val/sample_mm": cat(avg_s), "val/oracle_mm": cat(oracle)}

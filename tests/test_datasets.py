@@ -1,0 +1,184 @@
+"""Datasets: both layouts, the up-front index check, per-item determinism, sharding, occlusion."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from ofer.data.datasets import (
+    CLIP_MEAN,
+    CLIP_STD,
+    FaceDataset,
+    StreamBatchSampler,
+    check_index,
+    farl_preprocess,
+    load_index,
+    read_image_list,
+)
+from ofer.errors import AssetError
+
+from _train_helpers import write_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    truth = write_world(root, "TOY_TRAIN", n_actors=5, n_images=3, layout="mica", seed=1)
+    truth23 = write_world(root, "REFIT_VAL", n_actors=3, n_images=2, layout="ofer23", seed=2)
+    return root, truth, truth23
+
+
+def test_mica_layout_identity_items(world):
+    root, truth, _ = world
+    entries = load_index(root, ["toy_train"])  # names are upper-cased
+    assert [e.actor for e in entries] == sorted(truth)
+    assert entries[0].layout == "mica" and entries[0].images[0].parts[-4:-2] == ("TOY", "arcface_input")
+    check_index(entries)
+    ds = FaceDataset(entries, images_per_actor=2, load_farl=True)
+    item = ds[(1, (0, 7))]
+    assert item["arcface"].shape == (2, 3, 112, 112) and item["arcface"].dtype == torch.float32
+    assert item["farl"].shape == (2, 3, 224, 224)
+    assert item["shape_coeffs"].shape == (2, 300)
+    np.testing.assert_array_equal(item["shape_coeffs"][1].numpy(), truth[entries[1].actor]["shape"])
+    assert "occlusion_mask" not in item and "exp_coeffs" not in item
+
+
+def test_farl_crop_matches_clip_normalisation(world):
+    root, _, _ = world
+    entries = load_index(root, ["TOY_TRAIN"])
+    item = FaceDataset(entries, images_per_actor=1, load_farl=True)[0]
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(entries[0].images[0]).convert("RGB"), np.float32) / 255.0
+    ref = (rgb - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    np.testing.assert_allclose(item["farl"][0].numpy(), ref.transpose(2, 0, 1), atol=1e-5)
+    # resizing path keeps the normalisation
+    small = farl_preprocess(torch.full((1, 3, 224, 224), 0.5), size=64)
+    assert small.shape == (1, 3, 64, 64)
+    np.testing.assert_allclose(small[0, :, 0, 0].numpy(),
+                               (0.5 - np.array(CLIP_MEAN)) / np.array(CLIP_STD), atol=1e-5)
+
+
+def test_ofer23_layout_expression_items(world):
+    root, _, truth23 = world
+    entries = load_index(root, ["REFIT_VAL"])
+    assert entries[0].layout == "ofer23" and "FLAME23_parameters" in str(entries[0].params)
+    ds = FaceDataset(entries, images_per_actor=3, mode="expression", n_exp=50)
+    item = ds[2]
+    t = truth23[entries[2].actor]
+    assert item["arcface"].shape == (3, 3, 112, 112)  # 2 images, cycled for K=3
+    np.testing.assert_array_equal(item["exp_coeffs"][0].numpy(), t["exp"][:50])
+    np.testing.assert_array_equal(item["jaw_pose"][2].numpy(), t["jaw"])
+
+
+def test_mica_expression_slices(world):
+    root, truth, _ = world
+    entries = load_index(root, ["TOY_TRAIN"], layout="mica")
+    item = FaceDataset(entries, images_per_actor=1, mode="expression", n_exp=50)[0]
+    t = truth[entries[0].actor]
+    np.testing.assert_array_equal(item["exp_coeffs"][0].numpy(), t["exp"][:50])  # betas[300:350]
+    np.testing.assert_array_equal(item["jaw_pose"][0].numpy(), t["jaw"])  # pose[6:9]
+
+
+def test_index_check_reports_all_missing_files(tmp_path):
+    write_world(tmp_path, "TOY_TRAIN", n_actors=3, n_images=2, seed=3)
+    entries = load_index(tmp_path, ["TOY_TRAIN"])
+    gone = [entries[0].images[1], entries[2].images[0].with_suffix(".npy"), entries[1].params]
+    for p in gone:
+        p.unlink()
+    report = tmp_path / "missing.txt"
+    with pytest.raises(AssetError) as e:
+        check_index(entries, report_path=report)
+    msg = str(e.value)
+    assert msg.startswith(f"3 of 15 dataset files missing, full list in {report}: ")
+    assert "\n" not in msg
+    assert sorted(report.read_text().split()) == sorted(str(p) for p in gone)
+
+
+def test_missing_image_list_and_bad_key(tmp_path):
+    with pytest.raises(AssetError, match=r"^no image list for dataset NOPE: tried .*NOPE.npy and "):
+        load_index(tmp_path, ["NOPE"])
+    write_world(tmp_path, "TOY_TRAIN", n_actors=1, n_images=1, seed=4)
+    entries = load_index(tmp_path, ["TOY_TRAIN"])
+    np.savez(entries[0].params, wrong=np.zeros(3))
+    with pytest.raises(AssetError, match=r"have no key 'betas' \(keys: wrong\)$"):
+        check_index(entries)
+
+
+def test_image_list_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    arr = np.empty((), dtype=object)
+    arr[()] = {"a": Evil()}
+    path = tmp_path / "evil.npy"
+    np.save(path, arr, allow_pickle=True)
+    with pytest.raises(AssetError, match=r"builtins.print, which is not allowed"):
+        read_image_list(path)
+    good = tmp_path / "good.npy"
+    np.save(good, {"x": (["a.jpg"], "b.npz")}, allow_pickle=True)
+    assert read_image_list(good) == {"x": (["a.jpg"], "b.npz")}
+
+
+def test_items_are_pure_functions_of_their_key(world):
+    root, _, _ = world
+    entries = load_index(root, ["TOY_TRAIN"])
+    ds = FaceDataset(entries, images_per_actor=2, occlusion_prob=1.0, occlusion_area=(0.1, 0.2))
+    a, b, c = ds[(3, (0, 11))], ds[(3, (0, 11))], ds[(3, (0, 12))]
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    assert not torch.equal(a["occlusion_mask"], c["occlusion_mask"])
+
+
+def test_occlusion_mask_and_blob(world):
+    root, _, _ = world
+    entries = load_index(root, ["TOY_TRAIN"])
+    clean = FaceDataset(entries, images_per_actor=2)[(0, (5, 5))]
+    occ = FaceDataset(entries, images_per_actor=2, occlusion_prob=1.0,
+                      occlusion_area=(0.1, 0.3))[(0, (5, 5))]
+    m = occ["occlusion_mask"]
+    assert m.shape == (2, 1, 224, 224)
+    frac = m.mean(dim=(1, 2, 3))
+    assert torch.all(frac >= 0.09) and torch.all(frac <= 0.31)
+    # outside the (downsampled) mask the ArcFace blob is untouched, inside it changed
+    m112 = m[:, :, ::2, ::2].reshape(2, 1, 112, 112).expand(2, 3, 112, 112)
+    m112_full = torch.nn.functional.avg_pool2d(m, 2).expand(2, 3, 112, 112)
+    outside = m112_full == 0
+    assert torch.equal(occ["arcface"][outside], clean["arcface"][outside])
+    assert not torch.allclose(occ["arcface"][m112 == 1], clean["arcface"][m112 == 1])
+
+
+def test_stream_sampler_shards_and_resumes():
+    full = StreamBatchSampler(10, batch_size=4, seed=3)
+    r0 = StreamBatchSampler(10, batch_size=2, seed=3, rank=0, world_size=2)
+    r1 = StreamBatchSampler(10, batch_size=2, seed=3, rank=1, world_size=2)
+    for step in range(7):
+        assert full.batch_at(step) == r0.batch_at(step) + r1.batch_at(step)
+    # every item exactly once per epoch of the stream
+    stream = [k[0] for s in range(5) for k in full.batch_at(s)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert stream[:10] != stream[10:20]
+    # resuming at step 4 yields the same batches as iterating from 0
+    it = iter(StreamBatchSampler(10, batch_size=4, seed=3, start_step=4))
+    assert [next(it) for _ in range(3)] == [full.batch_at(s) for s in (4, 5, 6)]
+    # keys carry (seed, position) so items differ between positions of the same actor
+    assert full.batch_at(0)[1][1] == (3, 1)
+
+
+def test_dataloader_with_workers_matches_in_process(world):
+    root, _, _ = world
+    entries = load_index(root, ["TOY_TRAIN"])
+    ds = FaceDataset(entries, images_per_actor=2, occlusion_prob=0.5)
+    sampler = StreamBatchSampler(len(ds), batch_size=3, seed=9)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=2)
+    it = iter(loader)
+    got = [next(it) for _ in range(3)]
+    for step, batch in enumerate(got):
+        ref = torch.utils.data.default_collate([ds[k] for k in sampler.batch_at(step)])
+        for k in ref:
+            assert torch.equal(batch[k], ref[k])
+    del it
