@@ -1,7 +1,18 @@
 #!/usr/bin/env python
-"""sample entry point (not implemented yet)."""
+"""Sample OFER reconstructions for a folder of images.
 
+    python sample.py --input DIR_OR_FILE --output DIR [--config configs/sample.yaml] [key=value ...]
+    torchrun --nproc_per_node=K sample.py ...      # shard the images across processes / GPUs
+
+See ``ofer.pipeline`` and the README for the outputs.
+"""
+
+import os
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
+
+from ofer.pipeline import main  # noqa: E402
+
 if __name__ == "__main__":
-    sys.exit("sample.py: not implemented yet in this version of OFER")
+    sys.exit(main())

@@ -440,7 +440,9 @@ def load_checkpoint(path: str | Path, kind: str | None = None,
         raise CheckpointError(f"{path}: {len(result.missing_keys)} missing and "
                               f"{len(result.unexpected_keys)} unexpected keys for {found} "
                               f"(e.g. {', '.join(keys)})")
-    model.encoder_state_dicts = {k: ckpt[k] for k in ENCODER_ENTRIES if isinstance(ckpt.get(k), dict)}
+    model.encoder_state_dicts = {
+        k: ckpt[k] for k in ENCODER_ENTRIES if isinstance(ckpt.get(k), dict)
+    }
     return model.eval()
 
 

@@ -39,7 +39,9 @@ def row_generators(
     image_indices: Sequence[int] | Tensor,
     device: str | torch.device = "cpu",
 ) -> list[torch.Generator]:
-    """Generators for ``len(image_indices) * n`` rows; row ``i * n + k`` <- ``(seed, image_indices[i], k)``.
+    """Generators for ``len(image_indices) * n`` rows.
+
+    Row ``i * n + k`` is seeded from ``(seed, image_indices[i], k)``.
 
     Args:
         seed: base seed.

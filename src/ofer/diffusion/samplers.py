@@ -37,7 +37,6 @@ Denoise = Callable[[Tensor, Tensor, Tensor], Tensor]
 METHODS = ("ddpm", "ddim", "dpmpp_2m", "legacy_ddim")
 #: Network evaluations when ``steps`` is None (None = fixed by the method).
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp_2m": 20, "legacy_ddim": None}
-DETERMINISTIC = ("dpmpp_2m", "legacy_ddim")  # and "ddim" with eta = 0
 
 
 def timesteps(num_steps: int, steps: int, alphas_cumprod: Tensor | None = None) -> list[int]:
@@ -63,9 +62,24 @@ def timesteps(num_steps: int, steps: int, alphas_cumprod: Tensor | None = None) 
     return ts
 
 
-def _eps(denoiser: Denoise, x: Tensor, t: int, cond: Tensor) -> Tensor:
-    tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    return denoiser(x.float(), tt, cond)
+class _Prepared:
+    """Calls the denoiser; for an :class:`~ofer.nets.Denoiser` the condition's FiLM
+    projection (constant during sampling) is computed once."""
+
+    def __init__(self, denoiser: Denoise, cond: Tensor) -> None:
+        self.denoiser, self.cond = denoiser, cond
+        prep = getattr(denoiser, "cond_film", None)
+        self.film = prep(cond) if callable(prep) else None
+
+    def __call__(self, x: Tensor, t: int) -> Tensor:
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        if self.film is None:
+            return self.denoiser(x.float(), tt, self.cond)
+        return self.denoiser(x.float(), tt, self.cond, cond_film=self.film)
+
+
+def _eps(denoiser: "_Prepared", x: Tensor, t: int, cond: Tensor) -> Tensor:
+    return denoiser(x, t)
 
 
 @torch.no_grad()
@@ -117,6 +131,7 @@ def sample(
         raise ValueError(f"x_T must have shape ({rows}, {param_dim}), got {tuple(x_T.shape)}")
     x_T = x_T.to(device)
     T = schedule.num_steps
+    denoiser = _Prepared(denoiser, cond)
 
     if method == "legacy_ddim":
         if steps is not None:
@@ -211,6 +226,8 @@ def legacy_ddim(denoiser: Denoise, cond: Tensor, schedule: NoiseSchedule, x_T: T
     """
     T = schedule.num_steps
     device = x_T.device
+    if not isinstance(denoiser, _Prepared):
+        denoiser = _Prepared(denoiser, cond)
     srac = schedule.sqrt_recip_alpha_cumprod.to(device)
     srm1 = schedule.sqrt_recip_minus_one_alpha_cumprod.to(device)
     ac_prev = schedule.alphas_cumprod_prev.to(device)

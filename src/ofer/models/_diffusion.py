@@ -22,7 +22,9 @@ def _check_keys(cls_name: str, config: dict[str, Any], allowed: Sequence[str]) -
         raise ConfigError(f"{cls_name} config must be a dict, got {type(config).__name__}")
     unknown = sorted(set(config) - set(allowed))
     if unknown:
-        raise ConfigError(f"unknown {cls_name} config keys {unknown}; expected some of {list(allowed)}")
+        raise ConfigError(
+            f"unknown {cls_name} config keys {unknown}; expected some of {list(allowed)}"
+        )
 
 
 class ConditionalDiffusion(nn.Module):

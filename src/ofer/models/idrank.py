@@ -93,7 +93,7 @@ class IdRank(nn.Module):
 
     def features(self, vertices: Tensor) -> Tensor:
         """(B, N, V, 3) vertices in metres -> (B, N, in_dim) ``[mean || hyp - mean]`` in mm."""
-        return rank_features(vertices, self._indices().cpu().numpy())
+        return rank_features(vertices, self._indices())
 
     def forward(self, features: Tensor, cond: Tensor) -> Tensor:
         """Scores (B, N) for features (B, N, in_dim) and conditions (B, C)."""
@@ -113,7 +113,7 @@ class IdRank(nn.Module):
             "picked_error_mm": (B,) error of the top-scored hypothesis,
             "best_error_mm": (B,) lowest error among the N}`` (stats detached).
         """
-        errors = vertex_errors_mm(vertices, gt_vertices, self._indices().cpu().numpy())
+        errors = vertex_errors_mm(vertices, gt_vertices, self._indices())
         loss = listnet_loss(scores, errors, self.temperature)
         picked = errors.gather(1, self.select(scores)[:, None])[:, 0]
         return loss, {"errors_mm": errors.detach(), "picked_error_mm": picked.detach(),

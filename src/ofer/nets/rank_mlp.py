@@ -132,6 +132,12 @@ class RankMLP(nn.Module):
 
 
 # --------------------------------------------------------------------- features
+def _as_index(indices, device: torch.device) -> Tensor:
+    if isinstance(indices, Tensor):
+        return indices.to(device=device, dtype=torch.long)
+    return torch.as_tensor(np.asarray(indices), dtype=torch.long, device=device)
+
+
 def rank_features(vertices: Tensor, indices: Tensor | np.ndarray | Sequence[int]) -> Tensor:
     """The ranker input: ``[mean || hypothesis - mean]`` of the selected vertices in mm.
 
@@ -145,7 +151,7 @@ def rank_features(vertices: Tensor, indices: Tensor | np.ndarray | Sequence[int]
     """
     if vertices.dim() != 4 or vertices.shape[-1] != 3:
         raise ValueError(f"vertices must have shape (B, N, V, 3), got {tuple(vertices.shape)}")
-    idx = torch.as_tensor(np.asarray(indices), dtype=torch.long, device=vertices.device)
+    idx = _as_index(indices, vertices.device)
     pts = 1e3 * vertices[:, :, idx]  # (B, N, K, 3) mm
     mean = pts.mean(dim=1, keepdim=True)
     feats = torch.cat([mean.expand_as(pts), pts - mean], dim=2)  # (B, N, 2K, 3)
@@ -159,7 +165,7 @@ def vertex_errors_mm(vertices: Tensor, gt_vertices: Tensor,
     Args: vertices (B, N, V, 3) m; gt_vertices (B, V, 3) m; indices (K,).
     Returns: (B, N).
     """
-    idx = torch.as_tensor(np.asarray(indices), dtype=torch.long, device=vertices.device)
+    idx = _as_index(indices, vertices.device)
     diff = 1e3 * (gt_vertices[:, None, idx] - vertices[:, :, idx])
     return diff.abs().mean(dim=(-2, -1))
 

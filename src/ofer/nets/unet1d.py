@@ -82,7 +82,9 @@ class Block(nn.Module):
     def forward(self, x: Tensor, scale_shift: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Args: x (B, dim_in); scale_shift: two (B, dim_out) tensors. Returns (B, dim_out)."""
         x = _pointwise(self.proj, x)
-        x = F.group_norm(x, 1, self.norm.weight, self.norm.bias, self.norm.eps)
+        # GroupNorm(1, c) on a length-1 sequence normalises over the c channels of each
+        # row: that is layer_norm over the last axis (same statistics, faster kernel)
+        x = F.layer_norm(x, x.shape[-1:], self.norm.weight, self.norm.bias, self.norm.eps)
         if scale_shift is not None:
             scale, shift = scale_shift
             x = x * (scale + 1) + shift
@@ -92,9 +94,9 @@ class Block(nn.Module):
 class ResnetBlock(nn.Module):
     """Two :class:`Block` s with FiLM from ``[time embedding || condition]`` on the first.
 
-    ``mlp`` is ``Sequential(SiLU, Linear(512 + C, 2 * dim_out))`` as in the original; the
-    forward takes the already activated embedding ``silu([t_emb || cond])`` (it is shared
-    by all blocks), so only ``mlp[1]`` is applied here.
+    ``mlp`` is ``Sequential(SiLU, Linear(512 + C, 2 * dim_out))`` as in the original. The
+    :class:`Denoiser` evaluates the ``mlp`` of all its blocks in one fused product and
+    passes each block its slice ``film = mlp([t_emb || cond])`` (B, 2 * dim_out).
     """
 
     def __init__(self, dim_in: int, dim_out: int, emb_dim: int) -> None:
@@ -104,13 +106,37 @@ class ResnetBlock(nn.Module):
         self.block2 = Block(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        """Args: x (B, dim_in); emb (B, 512 + C) = silu([t_emb || cond]). Returns (B, dim_out)."""
-        scale, shift = self.mlp[1](emb).chunk(2, dim=1)
+    def forward(self, x: Tensor, film: Tensor) -> Tensor:
+        """Args: x (B, dim_in); film (B, 2 * dim_out) = mlp([t_emb || cond]) (first half
+        scale, second half shift). Returns (B, dim_out)."""
+        scale, shift = film.chunk(2, dim=1)
         h = self.block1(x, (scale, shift))
         h = self.block2(h)
         res = x if isinstance(self.res_conv, nn.Identity) else _pointwise(self.res_conv, x)
         return h + res
+
+
+class _FusedCache:
+    """Caches a tensor derived from some parameters while autograd is off.
+
+    The key is every source tensor's storage pointer and in-place version counter, so
+    optimizer steps, ``load_state_dict`` and ``.to()`` all invalidate it.
+    """
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+        self.key: tuple | None = None
+
+    def get(self, sources: list[Tensor], build) -> Tensor:
+        if torch.is_grad_enabled():
+            return build()
+        key = tuple((w.data_ptr(), w._version) for w in sources)
+        key += (sources[0].dtype, sources[0].device)
+        if self.value is None or self.key != key:
+            with torch.no_grad():
+                self.value = build()
+            self.key = key
+        return self.value
 
 
 class QKVAttention(nn.Module):
@@ -121,6 +147,11 @@ class QKVAttention(nn.Module):
     ``A = softmax(Q K^T / sqrt(32))`` is (num_qkv x num_qkv), ``O = A V``, then ``to_out``
     maps the 128 channels back to ``c`` and ``to_out_linear`` mixes the ``num_qkv`` tokens
     into one. The condition does not enter here.
+
+    Computation: one stacked weight for all projections (rows pre-ordered as
+    (q/k/v, head, token, channel), q rows pre-scaled), and since ``to_out`` and
+    ``to_out_linear`` are linear the token mix is applied to ``A`` before it meets ``V``:
+    ``sum_n w_n (W_out o_n + b) = W_out (sum_n w_n A_n) V + b sum_n w_n``.
     """
 
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, num_qkv: int = 16) -> None:
@@ -137,42 +168,44 @@ class QKVAttention(nn.Module):
         )
         self.to_out = nn.Conv1d(hidden, dim, 1)
         self.to_out_linear = nn.Linear(num_qkv, 1)
-        self._fused: Tensor | None = None
-        self._fused_key: tuple | None = None
+        self._cache = _FusedCache()
+
+    def _build_fused(self) -> Tensor:
+        h, d, n = self.heads, self.dim_head, self.num_qkv
+        w = torch.stack([m.weight[..., 0] for m in self.to_qkv])  # (n, 3*h*d, c)
+        w = w.view(n, 3, h, d, -1).permute(1, 2, 0, 3, 4)  # (3, h, n, d, c)
+        q = w[0] * self.scale  # (h, n, d, c)
+        k = w[1].transpose(1, 2)  # (h, d, n, c): yields K^T directly
+        return torch.cat([q.reshape(h * n * d, -1), k.reshape(h * d * n, -1),
+                          w[2].reshape(h * n * d, -1)])
 
     def fused_qkv_weight(self) -> Tensor:
-        """All projections stacked: (num_qkv * 3 * heads * dim_head, dim).
+        """All projections stacked into one (3 * heads * num_qkv * dim_head, dim) matrix.
 
-        Row ``i * 384 + j`` is row ``j`` of projection ``i``. Without autograd the stacked
-        copy is cached and rebuilt only when a weight is replaced or changed in place.
+        Three row blocks: q rows ordered (head, projection, channel) and multiplied by
+        ``dim_head ** -0.5``; k rows ordered (head, channel, projection), so that the
+        product is K^T without a transpose copy; v rows ordered like q. Row
+        ``p * 128 + h * 32 + j`` of projection ``i`` is the source of each entry.
+        Cached while autograd is off.
         """
-        weights = [m.weight for m in self.to_qkv]
-        if torch.is_grad_enabled():
-            return torch.cat(weights, dim=0)[..., 0]
-        key = tuple((w.data_ptr(), w._version) for w in weights)
-        key += (weights[0].dtype, weights[0].device)
-        if self._fused is None or self._fused_key != key:
-            self._fused = torch.cat([w.detach() for w in weights], dim=0)[..., 0]
-            self._fused_key = key
-        return self._fused
+        return self._cache.get([m.weight for m in self.to_qkv], self._build_fused)
 
     def forward(self, x: Tensor) -> Tensor:
         """Args: x (B, dim). Returns (B, dim)."""
         b = x.shape[0]
         h, d, n = self.heads, self.dim_head, self.num_qkv
-        # one matmul for all projections: (B, n, 3, h, d)
-        qkv = F.linear(x, self.fused_qkv_weight()).view(b, n, 3, h, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, n, d)
-        attn = torch.matmul(q * self.scale, k.transpose(-1, -2)).softmax(dim=-1)
-        out = torch.matmul(attn, v)  # (B, h, n, d)
-        # channel order of the original 'b h n d -> b (h d) n'
-        out = out.permute(0, 2, 1, 3).reshape(b, n, h * d)
-        # to_out (pointwise over tokens) then to_out_linear (over tokens); both are
-        # linear, so mix the tokens first: sum_n w_n (W o_n + b) = W (sum_n w_n o_n) + b sum_n w_n
-        w_tok = self.to_out_linear.weight[0]  # (n,)
-        mixed = torch.einsum("bnc,n->bc", out, w_tok)
+        # all projections at once; q, k and v are separate row blocks so that each
+        # product is contiguous in the layout the next matmul wants
+        wq, wk, wv = self.fused_qkv_weight().chunk(3)
+        q = F.linear(x, wq).view(b, h, n, d)  # pre-scaled
+        k_t = F.linear(x, wk).view(b, h, d, n)
+        v = F.linear(x, wv).view(b, h, n, d)
+        attn = torch.matmul(q, k_t).softmax(dim=-1)  # (B, h, n, n)
+        w_tok = self.to_out_linear.weight  # (1, n)
+        mix = torch.einsum("n,bhnj->bhj", w_tok[0], attn)  # token mix of A: (B, h, n)
+        mixed = torch.matmul(mix.unsqueeze(-2), v)  # (B, h, 1, d)
         bias = self.to_out.bias * w_tok.sum() + self.to_out_linear.bias
-        return F.linear(mixed, self.to_out.weight[..., 0], bias)
+        return F.linear(mixed.reshape(b, h * d), self.to_out.weight[..., 0], bias)
 
 
 class PreNorm(nn.Module):
@@ -288,56 +321,92 @@ class Denoiser(nn.Module):
             )
         )
 
+        self._film_cache = _FusedCache()
+
     # ------------------------------------------------------------------ forward
-    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def resnet_blocks(self) -> list[ResnetBlock]:
+        """The 11 ResnetBlocks in forward order (their FiLM slices follow this order)."""
+        blocks = [m for level in self.downs for m in level[:2]]
+        blocks += [self.mid_block1, self.mid_block2]
+        blocks += [m for level in self.ups for m in level[1:3]]
+        return blocks + [self.finals[0][0]]
+
+    def _film_params(self) -> tuple[Tensor, Tensor]:
+        layers = [blk.mlp[1] for blk in self.resnet_blocks()]
+        sources = [p for lin in layers for p in (lin.weight, lin.bias)]
+        return self._film_cache.get(
+            sources,
+            lambda: (torch.cat([lin.weight for lin in layers]),
+                     torch.cat([lin.bias for lin in layers])),
+        )
+
+    def cond_film(self, cond: Tensor) -> Tensor:
+        """The condition's share of all FiLM projections, (B, sum of 2 * c_out), bias included.
+
+        It does not depend on ``x_t`` or ``t``: samplers compute it once per run and pass
+        it to :meth:`forward` as ``cond_film``.
+        """
+        weight, bias = self._film_params()
+        dtype = weight.dtype
+        return F.linear(F.silu(cond.to(dtype)), weight[:, TIME_EMB_DIM:], bias)
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor,
+                cond_film: Tensor | None = None) -> Tensor:
         """Predict the noise.
 
         Args:
             x_t: (B, D) noisy parameters (cast to the weights' dtype).
             t: (B,) int64 time steps in ``[0, T)`` (the legacy sampler also passes -1).
             cond: (B, C) condition vectors.
+            cond_film: optional ``self.cond_film(cond)``, precomputed.
 
         Returns:
             (B, D) predicted epsilon, in the weights' dtype.
         """
         dtype = self.init_conv.weight.dtype
         x = x_t.reshape(x_t.shape[0], -1).to(dtype)
+        b = x.shape[0]
         if x.shape[1] != self.param_dim:
             raise ValueError(f"x_t must have {self.param_dim} columns, got {tuple(x_t.shape)}")
-        if cond.shape != (x.shape[0], self.cond_dim):
+        if cond.shape != (b, self.cond_dim):
             raise ValueError(
-                f"cond must have shape ({x.shape[0]}, {self.cond_dim}), got {tuple(cond.shape)}"
+                f"cond must have shape ({b}, {self.cond_dim}), got {tuple(cond.shape)}"
             )
-        t = t.reshape(-1).long()
-        if t.shape[0] != x.shape[0]:
-            t = t.expand(x.shape[0]) if t.shape[0] == 1 else t
-            if t.shape[0] != x.shape[0]:
-                raise ValueError(f"t must have {x.shape[0]} entries, got {t.shape[0]}")
+        t = t.reshape(-1).long().to(x.device)
+        if t.shape[0] not in (1, b):
+            raise ValueError(f"t must have {b} entries, got {t.shape[0]}")
+
+        # FiLM of all 11 blocks in one product. mlp = Linear(silu([t_emb || cond])) splits
+        # into a time part and a condition part; during sampling every row has the same
+        # t, so the time part is computed once (on CPU, where checking is free).
+        if t.shape[0] == 1 or (t.device.type == "cpu" and bool((t == t[0]).all())):
+            t = t[:1]
+        t_emb = self.time_mlp(t).to(dtype)
+        weight, bias = self._film_params()
+        film = F.linear(F.silu(t_emb), weight[:, :TIME_EMB_DIM])
+        film = film + (self.cond_film(cond) if cond_film is None else cond_film)
+        films = iter(film.split([blk.mlp[1].out_features for blk in self.resnet_blocks()], 1))
 
         x = _pointwise(self.init_conv, x)
         r = x
-        t_emb = self.time_mlp(t).to(dtype)
-        # the FiLM MLPs all start with SiLU on [t_emb || cond]: compute it once
-        emb = F.silu(torch.cat([t_emb, cond.to(dtype)], dim=1))
-
         skips: list[Tensor] = []
         for block1, block2, attn, down in self.downs:
-            x = block1(x, emb)
+            x = block1(x, next(films))
             skips.append(x)
-            x = attn(block2(x, emb))
+            x = attn(block2(x, next(films)))
             skips.append(x)
             x = down(x)
-        x = self.mid_block1(x, emb)
+        x = self.mid_block1(x, next(films))
         x = self.mid_attn(x)
-        x = self.mid_block2(x, emb)
+        x = self.mid_block2(x, next(films))
         for up, block1, block2, attn in self.ups:
             x = up(x)
-            x = block1(torch.cat([x, skips.pop()], dim=1), emb)
-            x = block2(torch.cat([x, skips.pop()], dim=1), emb)
+            x = block1(torch.cat([x, skips.pop()], dim=1), next(films))
+            x = block2(torch.cat([x, skips.pop()], dim=1), next(films))
             x = attn(x)
         x = torch.cat([x, r], dim=1)
         block, attn, conv = self.finals[0]
-        x = attn(block(x, emb))
+        x = attn(block(x, next(films)))
         return _pointwise(conv, x)
 
     # ------------------------------------------------------------ initialisation
