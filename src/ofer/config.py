@@ -397,7 +397,11 @@ class DiffusionConfig:
 
 @dataclass
 class OcclusionAugConfig:
-    """Synthetic occluders pasted on both crops before the encoders (``ofer.data.occlusion``)."""
+    """Synthetic occluders pasted on both crops before the encoders (``ofer.data.occlusion``).
+
+    ``prob``: chance that an image gets one occluder; ``area``: its area as a fraction of the
+    face box, drawn uniformly from ``[min, max]``. The masks are returned in the batch
+    (``occlusion_mask``, 1 = occluded)."""
 
     prob: float = 0.0
     area: list[float] = field(default_factory=lambda: [0.05, 0.4])
@@ -405,8 +409,9 @@ class OcclusionAugConfig:
 
     def validate(self, p: str) -> None:
         _check(0.0 <= self.prob <= 1.0, p + "prob", f"must be in [0, 1], got {self.prob}")
-        _check(len(self.area) == 2 and 0.0 <= self.area[0] <= self.area[1] <= 1.0, p + "area",
-               f"must be [min, max] with 0 <= min <= max <= 1, got {self.area}")
+        _check(len(self.area) == 2 and 0.0 < self.area[0] <= self.area[1] <= 1.0, p + "area",
+               f"must be [min, max] with 0 < min <= max <= 1 (fractions of the face box), "
+               f"got {self.area}")
 
 
 @dataclass
