@@ -8,8 +8,8 @@
            occlusion p=0.5) through a DataLoader, i.e. the input side of one step.
 * compute: optimiser steps/s on a pre-loaded batch (forward + backward + AdamW + EMA),
            with the real encoders (IResNet, FaRL ViT) and the real ``ofer.nets.Denoiser``.
-           The IdGen/ExpGen loss is eps-prediction L1 (``ofer.models`` when present,
-           otherwise an equivalent inline loss on ``ofer.diffusion.NoiseSchedule``).
+           The heads are the real ``ofer.models.IdGen`` / ``ExpGen`` (eps-prediction L1),
+           the optimiser the training loop's fused AdamW.
 * idrank:  the dominant cost of an IdRank step, the frozen IdGen drawing N hypotheses
            per image (``--rank-steps`` DDIM steps), reported as images/s.
 Prints figures only; asserts nothing about time.
@@ -58,25 +58,6 @@ def bench_data(actors: int, k: int, farl: bool, steps: int, workers: int) -> flo
     return steps * actors * k / dt
 
 
-class _EpsHead(torch.nn.Module):
-    """eps-prediction L1 on the real Denoiser (stands in until ofer.models is present)."""
-
-    def __init__(self, dim, cond_dim, dims, qkv):
-        super().__init__()
-        from ofer.diffusion import NoiseSchedule
-        from ofer.nets import Denoiser
-
-        self.net = Denoiser(dim, cond_dim, dims, num_qkv=qkv)
-        self.sched = NoiseSchedule.linear(num_steps=1000, beta_1=1e-4, beta_T=1e-2)
-
-    def training_loss(self, x0, cond, generator=None):
-        t = torch.randint(0, 1000, (len(x0),), generator=generator, device=x0.device)
-        e = torch.randn(x0.shape, generator=generator, device=x0.device)
-        a = self.sched.alphas_cumprod.to(x0.device)[t][:, None]
-        per = (self.net(a.sqrt() * x0 + (1 - a).sqrt() * e, t, cond) - e).abs().mean(1)
-        return per.mean(), {"loss": per.detach(), "t": t}
-
-
 def bench_compute(kind: str, p: dict, dev: torch.device, steps: int) -> float:
     from ofer.nets.arcface import IResNet
     from ofer.nets.farl import FaRLEncoder
@@ -94,9 +75,13 @@ def bench_compute(kind: str, p: dict, dev: torch.device, steps: int) -> float:
         cond_dim = 1024
     dim = 300 if kind == "idgen" else 53
     dims = [300, 50, 10] if kind == "idgen" else [53, 25, 10]
-    model = ConditionedModel(_EpsHead(dim, cond_dim, dims, p["qkv"]), arc, farl).to(dev)
+    from ofer.models import ExpGen, IdGen
+
+    head = (IdGen if kind == "idgen" else ExpGen)(param_dim=dim, cond_dim=cond_dim, dims=dims,
+                                                  num_qkv=p["qkv"])
+    model = ConditionedModel(head, arc, farl).to(dev)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4,
-                            weight_decay=1e-4)
+                            weight_decay=1e-4, foreach=True)
     ema = EMA(model, 0.9999, ["head."])
     n = p["batch"][0] * p["batch"][1]
     x112 = torch.randn(n, 3, 112, 112, device=dev)
