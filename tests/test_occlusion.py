@@ -151,13 +151,20 @@ def test_dataset_occluder_on_chw_floats():
 
     f = make_occluder(area=(0.1, 0.3))
     img = np.random.default_rng(0).random((3, 224, 224)).astype(np.float32)
-    _, ref = face_box(crop_kps(224))
-    for seed in range(4):
+    for seed in range(8):
         out, mask = f(img, np.random.default_rng(seed))
         assert out.shape == img.shape and out.dtype == np.float32 and mask.dtype == np.float32
         assert set(np.unique(mask)) <= {0.0, 1.0} and mask.any()
         np.testing.assert_array_equal(out[:, mask == 0], img[:, mask == 0])  # exact outside
-        assert 0.1 <= mask.sum() / ref <= 0.3
+        assert 0.1 <= mask.sum() / 224**2 <= 0.3  # a fraction of the image, as the datasets expect
+    # face-placed kinds: sunglasses cover the crop's eyes
+    g = make_occluder(area=(0.05, 0.4), kinds=("sunglasses",))
+    hits = 0
+    for seed in range(4):
+        _, mask = g(img, np.random.default_rng(seed))
+        k = crop_kps(224)
+        hits += int(all(mask[int(round(y)), int(round(x))] for x, y in k[:2]))
+    assert hits >= 3
 
 
 def test_crop_kps_match_the_preprocessing_crop():

@@ -384,25 +384,28 @@ def occlude_with_info(
     kps: np.ndarray | None = None,
     source: np.ndarray | None = None,
     force: bool = False,
+    reference: str = "auto",
 ) -> OcclusionResult:
     """Apply a random occluder; see the module docstring.
 
     image: (H,W,3) uint8. kps: optional (5,2) insightface keypoints in pixels. source: optional
     (h,w,3) uint8 image for ``cutout``. force: ignore ``config.prob`` and always occlude.
+    reference: what ``config.area`` is a fraction of: ``"auto"`` (the face box when ``kps`` are
+    given, else the image), ``"face"`` or ``"image"``.
     Returns an :class:`OcclusionResult`; the input is not modified.
     """
+    if reference not in ("auto", "face", "image"):
+        raise ValueError(f"reference must be 'auto', 'face' or 'image', got {reference!r}")
     cfg = config if config is not None else OcclusionConfig()
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise ValueError(f"occlude expects an (H,W,3) uint8 image, got {img.shape} {img.dtype}")
     H, W = img.shape[:2]
     apply = force or (rng.random() < cfg.prob)
-    if kps is not None:
-        kps_arr = np.asarray(kps, dtype=np.float64).reshape(5, 2)
-        _, ref_area = face_box(kps_arr)
-        ref_area = min(ref_area, float(H * W))
+    kps_arr = default_kps(H, W) if kps is None else np.asarray(kps, dtype=np.float64).reshape(5, 2)
+    if reference == "face" or (reference == "auto" and kps is not None):
+        ref_area = min(face_box(kps_arr)[1], float(H * W))
     else:
-        kps_arr = default_kps(H, W)
         ref_area = float(H * W)
     if not apply:
         return OcclusionResult(img.copy(), np.zeros((H, W), bool), None, 0.0, ref_area)
@@ -538,7 +541,7 @@ class _ChwOccluder:
         img = np.asarray(image, dtype=np.float32)
         _, h, w = img.shape
         u8 = np.clip(np.rint(img.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
-        r = occlude_with_info(u8, rng, self.config, kps=self._kps_for(h, w), force=True)
+        r = occlude_with_info(u8, rng, self.config, kps=self._kps_for(h, w), force=True, reference="image")
         m = r.mask.astype(np.float32)
         occ = r.image.transpose(2, 0, 1).astype(np.float32) / 255.0
         out = img * (1.0 - m) + occ * m
@@ -550,9 +553,9 @@ def make_occluder(area: Sequence[float] = (0.05, 0.4), kinds: Sequence[str] = VA
     """Occluder for the training datasets (the caller decides *whether* to occlude).
 
     Returns ``f(image (3,H,W) float32 in [0,1], rng) -> (occluded image (3,H,W) float32,
-    mask (H,W) float32, 1 = occluded)``. Square crops are assumed to be the preprocessing
-    step's ``crop`` (``"farl"`` or ``"arcface"``) so that face masks and sunglasses sit on the
-    face and ``area`` is relative to the face box; other shapes use the whole image.
+    mask (H,W) float32, 1 = occluded)``; ``area`` is a fraction of the image. Square crops are
+    assumed to be the preprocessing step's ``crop`` (``"farl"`` or ``"arcface"``), so that
+    occluders are centred on the face and face masks and sunglasses sit where they belong.
     """
     cfg = OcclusionConfig(prob=1.0, area=tuple(area), kinds=tuple(kinds), textures=tuple(textures))
     return _ChwOccluder(cfg, crop)
