@@ -34,7 +34,6 @@ import io
 import json
 import math
 import os
-import pickle
 import shutil
 import sys
 import tempfile
@@ -48,7 +47,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, OferError
-from ..render import Camera, look_at, render
+from ..render import Camera, render
 from .occlusion import OcclusionConfig, occlude_with_info
 
 __all__ = [
@@ -537,7 +536,7 @@ def _params(shape: np.ndarray, exp: np.ndarray | None = None, jaw: np.ndarray | 
 # --------------------------------------------------------------------------- crops
 
 
-def make_crops(renders_dir: Path, output_dir: Path, items: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> None:
+def make_crops(output_dir: Path, items: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> None:
     """Write the 224 crop ``<output>/<rel>.jpg`` and ArcFace input ``<rel>.npy`` of each render.
 
     items: ``(relpath without extension, image (H,W,3) uint8, kps (5,2))``. Uses the
@@ -546,13 +545,7 @@ def make_crops(renders_dir: Path, output_dir: Path, items: Sequence[tuple[str, n
     ``.kps.txt`` sidecars) on the in-memory renders, with the MICA conventions of this layout:
     **RGB** ArcFace blob, JPEG quality 95 (:data:`ARCFACE_CHANNEL_ORDER`).
     """
-    try:
-        from ..data.images import prepare_face_array
-    except ImportError as exc:  # pragma: no cover - depends on the preprocessing module
-        raise NotImplementedError(
-            "the crop step needs ofer.data.images.prepare_face_array (the preprocessing module); "
-            "build the world with crops=False and run 'python -m ofer.preprocess' on renders/<NAME>"
-        ) from exc
+    from .images import prepare_face_array
     from PIL import Image
 
     for rel, img, kps in items:
@@ -711,7 +704,7 @@ def _run_job(job: tuple[str, int]) -> dict:
     else:  # pragma: no cover
         raise ValueError(part)
     if cfg.crops:
-        make_crops(root / "renders" / name, root / name / "arcface_input", crops)
+        make_crops(root / name / "arcface_input", crops)
     return result
 
 
