@@ -128,7 +128,7 @@ class OcclusionResult:
     reference_area: float = field(default=0.0)
 
 
-# --------------------------------------------------------------------------- geometry helpers
+# --------------------------------------------------------------------------- geometry utilities
 
 
 def default_kps(height: int, width: int) -> np.ndarray:
