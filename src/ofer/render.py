@@ -110,7 +110,7 @@ class Camera:
         up: Sequence[float] = (0.0, 1.0, 0.0),
     ) -> "Camera":
         """Camera looking at ``center`` from ``direction`` so that an object of diameter
-        ``extent`` spans about ``fill`` of the image width (helper to look at a head)."""
+        ``extent`` spans about ``fill`` of the image width (to look at a head)."""
         direction = np.asarray(direction, dtype=np.float64)
         direction = direction / np.linalg.norm(direction)
         half = math.tan(math.radians(fov_deg) / 2.0)
@@ -139,15 +139,17 @@ class Camera:
         return np.stack([x, y], axis=-1)
 
 
-# --------------------------------------------------------------------------- geometry helpers
+# --------------------------------------------------------------------------- geometry utilities
 
 
 def vertex_normals(vertices: ArrayLike, faces: ArrayLike) -> torch.Tensor:
     """Area-weighted unit vertex normals.
 
-    vertices: (B,V,3) or (V,3) float; faces: (F,3) int. Returns float64 of the vertices' shape.
+    vertices: (B,V,3) or (V,3) float; faces: (F,3) int. Returns the vertices' shape, float32 for
+    float32 tensors and float64 otherwise.
     """
-    v = _as_tensor(vertices)
+    keep32 = isinstance(vertices, torch.Tensor) and vertices.dtype == torch.float32
+    v = _as_tensor(vertices, torch.float32 if keep32 else torch.float64)
     squeeze = v.dim() == 2
     if squeeze:
         v = v[None]
@@ -155,8 +157,7 @@ def vertex_normals(vertices: ArrayLike, faces: ArrayLike) -> torch.Tensor:
     tri = v[:, f]  # (B,F,3,3)
     fn = torch.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0], dim=-1)
     vn = torch.zeros_like(v)
-    for k in range(3):
-        vn.index_add_(1, f[:, k], fn)
+    vn.index_add_(1, f.reshape(-1), fn.repeat_interleave(3, dim=1))
     vn = vn / vn.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return vn[0] if squeeze else vn
 
@@ -208,7 +209,8 @@ def _rasterize(
 
     verts_px: (B,V,2) float64 pixel coordinates; z: (B,V) camera depth (> 0 for visible vertices);
     faces: (F,3) long. Returns face_id (B,H,W) long (-1 empty), depth (B,H,W) float64 (+inf empty),
-    bary (B,H,W,3) float32 perspective-correct barycentrics.
+    bary (B,H,W,3) float32 perspective-correct barycentrics, and front (B,F) bool: the triangle is
+    counter-clockwise as seen from the camera.
 
     Each triangle is written as three affine edge functions ``w_k(x, y) = a_k x + b_k y + c_k``
     (its barycentric coordinates); a pixel centre is covered when all three are >= 0.
@@ -238,7 +240,7 @@ def _rasterize(
     bidx, fidx = torch.nonzero(valid, as_tuple=True)
     if bidx.numel() == 0:
         return (face_id.view(B, height, width), depth.view(B, height, width),
-                bary_out.view(B, height, width, 3))
+                bary_out.view(B, height, width, 3), area < 0)
 
     def pick(t: torch.Tensor) -> torch.Tensor:
         return t[bidx, fidx]
@@ -297,7 +299,7 @@ def _rasterize(
     sel = winner & (cf == best[pix])
     face_id[pix[sel]] = cf[sel]
     bary_out[pix[sel]] = wz[sel] / inv[sel, None]
-    return face_id.view(B, height, width), depth.view(B, height, width), bary_out.view(B, height, width, 3)
+    return face_id.view(B, height, width), depth.view(B, height, width), bary_out.view(B, height, width, 3), area < 0
 
 
 def _background_array(background, B: int, H: int, W: int) -> torch.Tensor:
@@ -326,8 +328,8 @@ def render(
     *,
     colors: ArrayLike | None = None,
     light_dir: ArrayLike = (0.0, 0.0, 1.0),
-    ambient: float = 0.35,
-    diffuse: float = 0.65,
+    ambient: float | Sequence[float] = 0.35,
+    diffuse: float | Sequence[float] = 0.65,
     background: ArrayLike | None = None,
     smooth: bool = True,
     cull_backfaces: bool = False,
@@ -338,8 +340,9 @@ def render(
     cameras: one :class:`Camera` for all, or B cameras (same image size).
     colors: per-vertex albedo (V,3) or (B,V,3) in [0,1] (uint8 is scaled); default light grey.
     light_dir: direction *towards* the light in world coordinates, (3,) or (B,3).
-    Shading: ``albedo * (ambient + diffuse * max(0, n . l))``, with the surface normal turned
-    towards the viewer (two-sided lighting). ``smooth`` interpolates vertex normals,
+    ambient, diffuse: scalars or one value per mesh (B,).
+    Shading: ``albedo * (ambient + diffuse * max(0, n . l))``; the normal of a triangle seen
+    from behind is reversed (two-sided lighting). ``smooth`` interpolates vertex normals,
     otherwise the flat face normal is used.
     background: None (black), an RGB colour (3,), an image (H,W,3) or (B,H,W,3); uint8 or [0,1].
     Returns a :class:`RenderOutput`.
@@ -368,7 +371,7 @@ def render(
     py = Ks[:, None, 1, 1] * w + Ks[:, None, 1, 2]
     vpx = torch.stack([px, py], -1)
 
-    face_id, depth, bary = _rasterize(vpx, z, f, H, W, cull_backfaces)
+    face_id, depth, bary, front = _rasterize(vpx, z, f, H, W, cull_backfaces)
     mask = face_id >= 0
 
     # ---- shading (only at covered pixels)
@@ -386,18 +389,19 @@ def render(
 
         vf = v.float()
         if smooth:
-            n = interp(vertex_normals(v, f).float())
+            n = interp(vertex_normals(vf, f))
         else:
             tri = vf.reshape(-1, 3)[vidx]
             n = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
-        n = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        campos = torch.as_tensor(np.stack([c.position for c in cams]), dtype=torch.float32)
-        view = campos[bsel] - interp(vf)
-        n = torch.where(((n * view).sum(-1, keepdim=True) < 0), -n, n)
+        # two-sided lighting: a triangle seen from behind shades with its normal reversed
+        sign = front.reshape(-1)[bsel * f.shape[0] + fid].float() * 2.0 - 1.0
+        n = n * (sign / n.norm(dim=-1).clamp_min(1e-12))[:, None]
         L = _as_tensor(light_dir, torch.float32)
         L = L.view(1, 3).expand(B, 3) if L.dim() == 1 else L
         L = L / L.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         lam = (n * L[bsel]).sum(-1).clamp_min(0.0)
+        amb = _as_tensor(ambient, torch.float32).reshape(-1).expand(B)[bsel]
+        dif = _as_tensor(diffuse, torch.float32).reshape(-1).expand(B)[bsel]
         if colors is None:
             alb = torch.full((pix.numel(), 3), 0.8, dtype=torch.float32)
         else:
@@ -409,7 +413,7 @@ def render(
             if col.dim() == 2:
                 col = col[None].expand(B, V, 3)
             alb = interp(col.contiguous())
-        shade = alb * (ambient + diffuse * lam)[:, None]
+        shade = alb * (amb + dif * lam)[:, None]
         image.reshape(-1, 3)[pix] = shade.clamp(0.0, 1.0)
 
     return RenderOutput(
