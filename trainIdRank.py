@@ -11,7 +11,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # run from a checkout
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ofer.config import IdRankTrainConfig, resolve_path  # noqa: E402
@@ -28,22 +27,18 @@ def main(cfg: IdRankTrainConfig) -> TrainResult:
         train_set, val_set = build.build_datasets(cfg, "identity", load_farl=True,
                                                   report_dir=Path(cfg.run_dir))
         # The frozen IdGen that proposes the hypotheses (EMA weights by default).
-        idgen, _ = build.load_trained_model(resolve_path(cfg.data_root, cfg.idgen_checkpoint),
-                                            "idgen", cfg.idgen_use_ema)
+        idgen, idgen_cfg = build.load_trained_model(
+            resolve_path(cfg.data_root, cfg.idgen_checkpoint),
+            "idgen", cfg.idgen_use_ema)
         vertices, _ = build.build_flame(cfg)
-        front = None
-        if cfg.ranker.front_indices:
-            path = build._asset(cfg, "ranker.front_indices", cfg.ranker.front_indices)
-            front = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
-        # The ranker's input width: [mean | residual] over the (front) vertices.
-        n_verts = len(front) if front is not None else vertices(
-            shape_coeffs=torch.zeros(1, cfg.flame.n_shape)).shape[1]
-        model = build.build_model("idrank", cfg, in_dim=2 * 3 * n_verts)
+        # The ranker's input is [mean | residual] over the K vertices of ranker.vertex_indices.
+        model = build.build_model("idrank", cfg)
         # As in OFER, the ranker's ArcFace starts from the IdGen's fine-tuned ArcFace
-        # when no ArcFace weights are configured.
-        if cfg.arcface.weights is None:
+        # when no ArcFace weights are configured (and the architectures agree).
+        if cfg.arcface.weights is None and idgen_cfg.arcface.layers == cfg.arcface.layers \
+                and idgen_cfg.arcface.width == cfg.arcface.width:
             model.arcface.load_state_dict(idgen.arcface.state_dict())
-        task = IdRankTask(cfg, model, idgen, vertices, front)
+        task = IdRankTask(cfg, model, idgen, vertices)
         return run_training(cfg, task, train_set, val_set, dist)
     finally:
         cleanup()

@@ -49,6 +49,15 @@ def write_world(root: Path, name: str = "TOY_TRAIN", n_actors: int = 6, n_images
     return truth
 
 
+def write_flame(root: Path, n_vertices: int = 400) -> Path:
+    """Synthetic FLAME-format assets in ``root/flame`` (generic_model.pkl, landmark_embedding.npy,
+    FLAME_masks.pkl); returns the folder."""
+    from ofer.flame.synthetic import write_synthetic_flame
+
+    write_synthetic_flame(root / "flame", n_vertices=n_vertices, seed=0)
+    return root / "flame"
+
+
 # ----------------------------------------------------------------------------------------
 # Stand-in model / task / data for the loop tests (no dependency on the real networks)
 # ----------------------------------------------------------------------------------------
@@ -155,100 +164,3 @@ def toy_config(run_dir, **over) -> IdGenTrainConfig:
              "train.tensorboard": False, "train.device": "cpu", "ema.decay": 0.9}
     items.update(over)
     return load_config(IdGenTrainConfig, None, [f"{k}={v}" for k, v in items.items()])
-
-
-# ----------------------------------------------------------------------------------------
-# Stand-in heads with the ofer.models interfaces, and a linear stand-in FLAME
-# ----------------------------------------------------------------------------------------
-class StandInGen(nn.Module):
-    """IdGen/ExpGen interface: eps-prediction L1 loss on a linear schedule; DDIM-like sampler."""
-
-    def __init__(self, dim: int, cond_dim: int, num_steps: int = 1000):
-        super().__init__()
-        self.dim, self.num_steps = dim, num_steps
-        self.net = nn.Sequential(nn.Linear(dim + cond_dim + 1, 64), nn.SiLU(), nn.Linear(64, dim))
-        betas = torch.linspace(1e-4, 1e-2, num_steps)
-        self.register_buffer("abar", torch.cumprod(1 - betas, 0), persistent=False)
-
-    def eps(self, x, t, cond):
-        return self.net(torch.cat([x, cond, t[:, None].float() / self.num_steps], 1))
-
-    def training_loss(self, x0, cond, generator=None):
-        t = torch.randint(0, self.num_steps, (len(x0),), generator=generator, device=x0.device)
-        e = torch.randn(x0.shape, generator=generator, device=x0.device)
-        a = self.abar[t][:, None]
-        per = (self.eps(a.sqrt() * x0 + (1 - a).sqrt() * e, t, cond) - e).abs().mean(1)
-        return per.mean(), {"loss": per.detach(), "t": t}
-
-    def sample(self, cond, n, method="ddim", steps=10, generator=None):
-        B = len(cond)
-        c = cond.repeat_interleave(n, 0)
-        x = torch.randn(B * n, self.dim, generator=generator, device=cond.device)
-        ts = torch.linspace(self.num_steps - 1, 0, steps).long()
-        for i, t in enumerate(ts):
-            tt = torch.full((B * n,), int(t), device=cond.device)
-            a = self.abar[t]
-            e = self.eps(x, tt, c)
-            x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
-            a2 = self.abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
-            x = a2.sqrt() * x0 + (1 - a2).sqrt() * e
-        return x.view(B, n, self.dim)
-
-
-class StandInRank(nn.Module):
-    """IdRank interface: features [mean | residual], a linear scorer, ListNet loss."""
-
-    def __init__(self, in_dim: int, cond_dim: int):
-        super().__init__()
-        self.score = nn.Linear(in_dim, 1)
-        self.film = nn.Linear(cond_dim, 1)
-
-    def features(self, vertices):
-        m = vertices.mean(1, keepdim=True).expand_as(vertices)
-        return torch.cat([m, vertices - m], 2).flatten(2) * 1000.0
-
-    def forward(self, features, cond):
-        return self.score(features)[..., 0] + self.film(cond)
-
-    def training_loss(self, scores, vertices, gt_vertices):
-        err = (vertices - gt_vertices[:, None]).abs().mean((2, 3)) * 1000.0
-        p = torch.softmax(-err, 1)
-        return -(p * torch.log_softmax(scores, 1)).sum(1).mean()
-
-
-class StandInFlame:
-    """Linear FLAME-like model: V vertices, 300 shape and 100 expression directions, jaw on half."""
-
-    def __init__(self, v: int = 40, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.template = torch.randn(v, 3, generator=g) * 0.1
-        self.shapedirs = torch.randn(v, 3, 300, generator=g) * 1e-3
-        self.expdirs = torch.randn(v, 3, 100, generator=g) * 1e-3
-        self.faces = torch.tensor([[i, i + 1, i + 2] for i in range(v - 2)]).numpy()
-
-    def __call__(self, shape_coeffs, exp_coeffs=None, jaw_pose=None):
-        dev = shape_coeffs.device
-        v = self.template.to(dev) + torch.einsum("vcs,bs->bvc", self.shapedirs.to(dev), shape_coeffs)
-        if exp_coeffs is not None:
-            v = v + torch.einsum("vce,be->bvc", self.expdirs.to(dev), exp_coeffs)
-        if jaw_pose is not None:
-            h = v.shape[1] // 2
-            v = torch.cat([v[:, :h], v[:, h:] + 0.01 * jaw_pose[:, None]], 1)
-        return v
-
-
-def stand_in_builders(monkeypatch):
-    """Patch ofer.train.build to use the stand-in heads and FLAME."""
-    from ofer.train import build
-
-    def head(kind, cfg, in_dim=None):
-        if kind == "idgen":
-            return StandInGen(cfg.n_shape, 512, cfg.diffusion.num_steps)
-        if kind == "expgen":
-            return StandInGen(cfg.n_exp + 3, 512 + cfg.farl.embed_dim, cfg.diffusion.num_steps)
-        return StandInRank(in_dim, 512 + cfg.farl.embed_dim)
-
-    flame = StandInFlame()
-    monkeypatch.setattr(build, "build_head", head)
-    monkeypatch.setattr(build, "build_flame", lambda cfg: (flame, flame.faces))
-    return flame

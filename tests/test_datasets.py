@@ -135,21 +135,60 @@ def test_items_are_pure_functions_of_their_key(world):
 
 
 def test_occlusion_mask_and_blob(world):
+    from ofer.data.align import transform_points
+    from ofer.data.datasets import detect_crop_frame
+    from ofer.data.occlusion import ARCFACE_TEMPLATE, face_box
+
     root, _, _ = world
     entries = load_index(root, ["TOY_TRAIN"])
     clean = FaceDataset(entries, images_per_actor=2)[(0, (5, 5))]
-    occ = FaceDataset(entries, images_per_actor=2, occlusion_prob=1.0,
-                      occlusion_area=(0.1, 0.3))[(0, (5, 5))]
+    ds = FaceDataset(entries, images_per_actor=2, occlusion_prob=1.0, occlusion_area=(0.1, 0.3))
+    occ = ds[(0, (5, 5))]
     m = occ["occlusion_mask"]
-    assert m.shape == (2, 1, 224, 224)
-    frac = m.mean(dim=(1, 2, 3))
-    assert torch.all(frac >= 0.09) and torch.all(frac <= 0.31)
-    # outside the (downsampled) mask the ArcFace blob is untouched, inside it changed
-    m112 = m[:, :, ::2, ::2].reshape(2, 1, 112, 112).expand(2, 3, 112, 112)
-    m112_full = torch.nn.functional.avg_pool2d(m, 2).expand(2, 3, 112, 112)
-    outside = m112_full == 0
-    assert torch.equal(occ["arcface"][outside], clean["arcface"][outside])
+    assert m.shape == (2, 1, 224, 224) and set(m.unique().tolist()) == {0.0, 1.0}
+    # the toy blobs are the crops strided by 2 (MICA's 2x alignment), RGB
+    frame, bgr = ds._frames["TOY_TRAIN"]
+    np.testing.assert_allclose(frame, [[2, 0, 0], [0, 2, 0]])
+    assert not bgr
+    # area: a fraction of the face box (ArcFace template mapped into the crop) within [0.1, 0.3]
+    _, ref = face_box(transform_points(frame, ARCFACE_TEMPLATE))
+    frac = m.sum(dim=(1, 2, 3)) / min(ref, 224 * 224)
+    assert torch.all(frac >= 0.1 - 1e-6) and torch.all(frac <= 0.3 + 1e-6), frac
+    # same occluder in the ArcFace input: untouched outside the resampled mask, changed inside
+    m112 = m[:, :, ::2, ::2].expand(2, 3, 112, 112)
+    assert torch.equal(occ["arcface"][m112 == 0], clean["arcface"][m112 == 0])
     assert not torch.allclose(occ["arcface"][m112 == 1], clean["arcface"][m112 == 1])
+
+
+def test_detect_crop_frame_finds_the_farl_box_crop():
+    """A FaRL box crop + BGR ArcFace blob made by ofer.data.align from one synthetic image."""
+    from ofer.data.align import (
+        ARCFACE_TEMPLATE,
+        CANONICAL_BOX,
+        arcface_blob,
+        farl_crop_matrix,
+        norm_crop,
+        transform_points,
+        warp_affine,
+    )
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:300, 0:300]
+    img = np.stack([128 + 100 * np.sin(xx / 9.0), 128 + 100 * np.cos(yy / 13.0),
+                    128 + 60 * np.sin((xx + yy) / 17.0)], -1)
+    img = np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+    kps = ARCFACE_TEMPLATE * 2.0 + 40.0  # an upright face, scale 2
+    from ofer.data.align import box_from_kps
+    from ofer.data.datasets import detect_crop_frame
+
+    crop = warp_affine(img, farl_crop_matrix(box_from_kps(kps)), 224)
+    blob = arcface_blob(norm_crop(img, kps), "bgr")
+    m, bgr = detect_crop_frame(crop.astype(np.float32).transpose(2, 0, 1) / 255.0, blob)
+    assert bgr
+    np.testing.assert_allclose(m, farl_crop_matrix(CANONICAL_BOX, 224))
+    # the template keypoints land on the keypoints' place in the crop (within a pixel)
+    expect = transform_points(farl_crop_matrix(box_from_kps(kps)), kps)
+    np.testing.assert_allclose(transform_points(m, ARCFACE_TEMPLATE), expect, atol=1.0)
 
 
 def test_stream_sampler_shards_and_resumes():

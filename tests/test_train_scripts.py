@@ -1,9 +1,11 @@
-"""The three scripts' main(cfg) on a tiny on-disk world, with stand-in heads and FLAME."""
+"""The three scripts' main(cfg) with the real models on a tiny on-disk world + synthetic FLAME."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,21 +13,27 @@ import trainExpGen
 import trainIdGen
 import trainIdRank
 from ofer.config import ExpGenTrainConfig, IdGenTrainConfig, IdRankTrainConfig, load_config
+from ofer.models import ExpGen, IdGen, IdRank
+from ofer.train import build
 from ofer.train.checkpoint import read_checkpoint
 from ofer.train.cli import run_cli
+from ofer.train.loop import run_training
+from ofer.train.tasks import ExpGenTask, IdGenTask
 
-from _train_helpers import stand_in_builders, write_world
+from _train_helpers import write_flame, write_world
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo"
 
 COMMON = ["data.root=.", "data.actors_per_batch=2", "data.images_per_actor=2", "data.num_workers=0",
           "arcface.layers=[1,1,1,1]", "arcface.width=8", "arcface.freeze=l2", "arcface.weights=null",
           "train.max_steps=4", "train.log_every=2", "train.val_every=2", "train.ckpt_every=2",
           "train.sample_every=4", "train.progress=false", "train.device=cpu", "val.num_samples=3",
-          "val.steps=3", "val.max_items=2", "flame.landmark_embedding_path=null",
-          "data.occlusion.prob=0.5", "train.tensorboard=false"]
+          "val.steps=3", "val.max_items=2", "data.occlusion.prob=0.5", "train.tensorboard=false"]
 FARL = ["farl.width=32", "farl.layers=1", "farl.heads=2", "farl.patch_size=32", "farl.embed_dim=16",
         "farl.weights=null"]
+SMALL_DENOISER = ["denoiser.num_qkv=2", "diffusion.num_steps=100"]
+SMALL_IDGEN = ["n_shape=20", "denoiser.dims=[20,10,5]"]
 
 
 @pytest.fixture(scope="module")
@@ -35,67 +43,201 @@ def world(tmp_path_factory):
     write_world(root, "WORLDID_VAL", n_actors=2, n_images=2, seed=2)
     write_world(root, "WORLDEXP_TRAIN", n_actors=4, n_images=2, seed=3)
     write_world(root, "WORLDEXP_VAL", n_actors=2, n_images=2, seed=4)
+    write_flame(root)
     return root
 
 
 def _idgen_cfg(world, run, extra=()):
-    return load_config(IdGenTrainConfig, REPO / "configs" / "demo" / "idgen.yaml",
-                       [f"data_root={world}", f"run_dir={run}", *COMMON, *extra])
+    return load_config(IdGenTrainConfig, DEMO / "idgen.yaml",
+                       [f"data_root={world}", f"run_dir={run}", *COMMON, *SMALL_DENOISER, *SMALL_IDGEN, *extra])
 
 
-def test_trainidgen_main(world, tmp_path, monkeypatch):
-    stand_in_builders(monkeypatch)
-    res = trainIdGen.main(_idgen_cfg(world, tmp_path / "idgen", ["train.tensorboard=true"]))
-    assert res.step == 4 and len(res.losses) == 4 and all(map(torch.isfinite, torch.tensor(res.losses)))
+@pytest.fixture(scope="module")
+def idgen_run(world, tmp_path_factory):
+    """One real IdGen training (4 steps), shared by the IdRank and dry-run tests."""
+    run = tmp_path_factory.mktemp("idgen")
+    res = trainIdGen.main(_idgen_cfg(world, run, ["train.tensorboard=true"]))
+    return run, res
+
+
+def _flame_faces(world):
+    from ofer.flame import FLAME
+
+    return FLAME(str(world / "flame" / "generic_model.pkl")).faces.shape[0]
+
+
+def test_trainidgen_main(world, idgen_run, tmp_path):
+    run, res = idgen_run
+    assert res.step == 4 and len(res.losses) == 4 and all(map(np.isfinite, res.losses))
     assert {"val/mean_sample_mm", "val/sample_mm", "val/best_of_n_mm"} <= set(res.metrics)
     assert res.metrics["val/best_of_n_mm"] <= res.metrics["val/sample_mm"]
-    ck = read_checkpoint(tmp_path / "idgen" / "checkpoints" / "latest.pt")
+    ck = read_checkpoint(run / "checkpoints" / "latest.pt")
     assert ck["kind"] == "idgen" and ck["step"] == 4
-    assert any(k.startswith("arcface.") for k in ck["model"]) and any(k.startswith("head.") for k in ck["model"])
+    # the real IdGen: the original denoiser keys under head.net., the schedule under head.var_sched.
+    assert "head.var_sched.alphas_cumprod" in ck["model"] and "head.net.downs.0.2.fn.fn.to_qkv.1.weight" in ck["model"]
+    assert ck["ema"]["head.var_sched.betas"].shape == (100,)
     groups = {g["name"]: g for g in ck["optimizer"]["param_groups"]}
     assert groups["diffusion"]["lr"] == 1e-3 and groups["arcface"]["lr"] == 1e-3
     # freeze=l2: the stem and layer1 are excluded from the optimiser
-    model = trainIdGen.build.build_model("idgen", _idgen_cfg(world, tmp_path / "x"), load_weights=False)
+    model = build.build_model("idgen", _idgen_cfg(world, tmp_path), load_weights=False)
+    assert isinstance(model.head, IdGen) and model.head.config["schedule"]["num_steps"] == 100
     n_trainable = sum(1 for p in model.arcface.parameters() if p.requires_grad)
     assert len(groups["arcface"]["params"]) == n_trainable < sum(1 for _ in model.arcface.parameters())
-    plys = sorted((tmp_path / "idgen" / "samples" / "0000004").glob("*.ply"))
+    plys = sorted((run / "samples" / "0000004").glob("*.ply"))
     assert [p.name for p in plys] == ["gt.ply", "sample0.ply", "sample1.ply", "sample2.ply", "sample3.ply"]
-    assert "element face 38" in plys[0].read_text()
-    assert (tmp_path / "idgen" / "config.yaml").is_file() and (tmp_path / "idgen" / "tb").is_dir()
+    assert f"element face {_flame_faces(world)}" in plys[0].read_text()
+    assert (run / "config.yaml").is_file() and (run / "tb").is_dir()
 
 
-def test_trainexpgen_main(world, tmp_path, monkeypatch):
-    stand_in_builders(monkeypatch)
-    cfg = load_config(ExpGenTrainConfig, REPO / "configs" / "demo" / "expgen.yaml",
-                      [f"data_root={world}", f"run_dir={tmp_path}", *COMMON, *FARL])
+def test_trainexpgen_main(world, tmp_path):
+    cfg = load_config(ExpGenTrainConfig, DEMO / "expgen.yaml",
+                      [f"data_root={world}", f"run_dir={tmp_path}", *COMMON, *FARL, *SMALL_DENOISER,
+                       "jaw_scale=0.5"])
     res = trainExpGen.main(cfg)
-    assert res.step == 4 and "val/mean_sample_mm" in res.metrics
+    assert res.step == 4 and np.isfinite(res.metrics["val/mean_sample_mm"])
     ck = read_checkpoint(tmp_path / "checkpoints" / "latest.pt")
     assert [g["name"] for g in ck["optimizer"]["param_groups"]] == ["farl", "arcface", "diffusion"]
     assert any(k.startswith("farl.") for k in ck["model"])
+    model, _ = build.load_trained_model(tmp_path / "checkpoints" / "latest.pt", "expgen")
+    assert isinstance(model.head, ExpGen)
+    assert model.head.param_dim == 53 and model.head.cond_dim == 512 + 16 and model.head.jaw_scale == 0.5
+    x = torch.zeros(2, 53)
+    x[:, 50:] = 1.0
+    exp, jaw = model.head.split(x)
+    assert exp.shape == (2, 50) and torch.equal(jaw, torch.full((2, 3), 0.5))
 
 
-def test_trainidrank_main(world, tmp_path, monkeypatch):
-    stand_in_builders(monkeypatch)
-    trainIdGen.main(_idgen_cfg(world, tmp_path / "idgen", ["train.val_every=0", "train.sample_every=0"]))
-    cfg = load_config(IdRankTrainConfig, REPO / "configs" / "demo" / "idrank.yaml",
+def test_expgen_target_is_raw_expression_and_jaw(world):
+    cfg = load_config(ExpGenTrainConfig, DEMO / "expgen.yaml",
+                      [f"data_root={world}", *COMMON, *FARL, "jaw_scale=0.5"])
+    train, _ = build.build_datasets(cfg, "expression", load_farl=True)
+    item = train[0]
+    task = ExpGenTask(cfg, None)
+    x0 = task.target(item)
+    params = np.load(world / "WORLDEXP" / "FLAME_parameters" / "A00" / "A00.npz")
+    np.testing.assert_array_equal(x0[0, :50].numpy(), params["betas"][300:350].astype(np.float32))
+    np.testing.assert_array_equal(x0[0, 50:].numpy(), params["pose"][6:9].astype(np.float32))
+
+
+def test_trainidrank_main(world, idgen_run, tmp_path):
+    run, _ = idgen_run
+    cfg = load_config(IdRankTrainConfig, DEMO / "idrank.yaml",
                       [f"data_root={world}", f"run_dir={tmp_path / 'rank'}", *COMMON, *FARL,
-                       f"idgen_checkpoint={tmp_path / 'idgen' / 'checkpoints' / 'latest.pt'}",
+                       f"idgen_checkpoint={run / 'checkpoints' / 'latest.pt'}",
                        "num_samples=5", "sample_steps=3", "data.images_per_actor=1",
-                       "train.sample_every=0"])
+                       "train.sample_every=0", "ema.enabled=false"])
     res = trainIdRank.main(cfg)
-    assert res.step == 4
+    assert res.step == 4 and all(map(np.isfinite, res.losses))
     m = res.metrics
     assert 0.0 <= m["val/top1"] <= 1.0
-    assert m["val/oracle_mm"] <= m["val/chosen_mm"]
-    ck = read_checkpoint(tmp_path / "rank" / "checkpoints" / "latest.pt")
+    assert m["val/oracle_mm"] <= m["val/chosen_mm"] and m["val/oracle_mm"] <= m["val/sample_mm"]
+    path = tmp_path / "rank" / "checkpoints" / "latest.pt"
+    ck = read_checkpoint(path)
     assert [g["name"] for g in ck["optimizer"]["param_groups"]] == ["farl", "arcface", "ranker"]
     assert ck["optimizer"]["param_groups"][2]["lr"] == 1e-4  # demo ranker lr
+    with open(world / "flame" / "FLAME_masks.pkl", "rb") as f:
+        face = np.asarray(pickle.load(f)["face"], dtype=np.int64)
+    np.testing.assert_array_equal(ck["model"]["head.vertex_indices"].numpy(), face)
+    # the checkpoint alone rebuilds the ranker, vertex indices included (no masks file needed)
+    (world / "flame" / "FLAME_masks.pkl").rename(world / "flame" / "masks.bak")
+    try:
+        rank, rcfg = build.load_trained_model(path, "idrank")
+    finally:
+        (world / "flame" / "masks.bak").rename(world / "flame" / "FLAME_masks.pkl")
+    assert isinstance(rank.head, IdRank) and rank.head.net.in_dim == 6 * len(face)
+    np.testing.assert_array_equal(rank.head.vertex_indices.numpy(), face)
+    for k, v in rank.state_dict().items():
+        assert torch.equal(v, ck["model"][k]), k
+    verts = torch.randn(1, 5, 400, 3)[:, :, : rank.head.vertex_indices.max() + 1] * 0.01
+    cond = rank.condition(torch.randn(1, 3, 112, 112), torch.randn(1, 3, 224, 224))
+    scores = rank.head(rank.head.features(verts), cond)
+    assert scores.shape == (1, 5) and torch.isfinite(scores).all()
+
+
+def test_checkpoint_round_trip_gives_identical_samples(world, tmp_path):
+    cfg = _idgen_cfg(world, tmp_path, ["train.val_every=0", "train.sample_every=0", "train.max_steps=2",
+                                       "ema.enabled=false", "data.occlusion.prob=0.0"])
+    torch.manual_seed(0)
+    train, _ = build.build_datasets(cfg, "identity", load_farl=False)
+    model = build.build_model("idgen", cfg)
+    run_training(cfg, IdGenTask(cfg, model), train)
+    loaded, _ = build.load_trained_model(tmp_path / "checkpoints" / "latest.pt", "idgen")
+    x = torch.stack([train[i]["arcface"][0] for i in range(2)])
+    model.eval()
+    with torch.no_grad():
+        ref = model.head.sample(model.condition(x), 4, method="ddim", steps=5, seed=7)
+        out = loaded.head.sample(loaded.condition(x), 4, method="ddim", steps=5, seed=7)
+    assert torch.equal(ref, out) and ref.shape == (2, 4, 20)
+    # EMA weights are what load_trained_model returns by default
+    ema_cfg = _idgen_cfg(world, tmp_path / "ema", ["train.val_every=0", "train.sample_every=0",
+                                                   "train.max_steps=2", "ema.decay=0.5"])
+    run_training(ema_cfg, IdGenTask(ema_cfg, build.build_model("idgen", ema_cfg)), train)
+    ck = read_checkpoint(tmp_path / "ema" / "checkpoints" / "latest.pt")
+    with_ema, _ = build.load_trained_model(tmp_path / "ema" / "checkpoints" / "latest.pt", "idgen")
+    raw, _ = build.load_trained_model(tmp_path / "ema" / "checkpoints" / "latest.pt", "idgen", use_ema=False)
+    w = "head.net.downs.0.0.net.0.weight" if "head.net.downs.0.0.net.0.weight" in ck["model"] else \
+        next(k for k in ck["model"] if k.startswith("head.net.") and k.endswith("weight"))
+    assert torch.equal(with_ema.state_dict()[w], ck["ema"][w])
+    assert torch.equal(raw.state_dict()[w], ck["model"][w])
+    assert not torch.equal(ck["ema"][w], ck["model"][w])
+
+
+def test_load_trained_model_wrong_kind(idgen_run):
+    run, _ = idgen_run
+    from ofer.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="is a 'idgen' checkpoint, expected 'idrank'"):
+        build.load_trained_model(run / "checkpoints" / "latest.pt", "idrank")
+
+
+def test_real_idgen_overfits_one_batch(world, tmp_path):
+    """The real IdGen + ArcFace, trained on one batch of 4 actors: the epsilon loss on a fixed
+    set of (t, eps) draws for those actors goes down."""
+    cfg = _idgen_cfg(world, tmp_path, ["train.val_every=0", "train.sample_every=0", "train.ckpt_every=0",
+                                       "train.max_steps=40", "data.actors_per_batch=4",
+                                       "data.images_per_actor=2", "data.occlusion.prob=0.0",
+                                       "diffusion.num_steps=1000",
+                                       "diffusion.lr=1e-2", "ema.enabled=false"])
+    torch.manual_seed(0)
+    train, _ = build.build_datasets(cfg, "identity", load_farl=False)
+    model = build.build_model("idgen", cfg)
+    batch = torch.utils.data.default_collate([train[i] for i in range(4)])
+    x = batch["arcface"].flatten(0, 1)
+    x0 = batch["shape_coeffs"].flatten(0, 1)[:, :20]
+
+    def fixed_loss():
+        with torch.no_grad():
+            cond = model.condition(x)
+            return float(model.head.training_loss(x0.repeat(16, 1), cond.repeat(16, 1),
+                                                  generator=torch.Generator().manual_seed(99))[0])
+
+    before = fixed_loss()
+    res = run_training(cfg, IdGenTask(cfg, model), train)
+    after = fixed_loss()
+    assert len(res.losses) == 40 and after < 0.9 * before, (before, after)
+
+
+@pytest.mark.parametrize("kind,script", [("idgen", trainIdGen), ("expgen", trainExpGen),
+                                         ("idrank", trainIdRank)])
+def test_dry_run_demo_configs(world, idgen_run, kind, script, capsys):
+    run, _ = idgen_run
+    schema = build.SCHEMAS[kind]
+    args = ["--config", str(DEMO / f"{kind}.yaml"), f"data_root={world}", "data.root=.", "--dry-run"]
+    if kind == "idrank":
+        args.append(f"idgen_checkpoint={run / 'checkpoints' / 'latest.pt'}")
+    rc = run_cli(kind, schema, script.main, args)
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    out = cap.out
+    assert out.rstrip().endswith("dry run OK") and "data.train: 4 items, data.val: 2 items" in out
+    assert "model: " in out and "trainable" in out
+    if kind == "idrank":
+        assert "ranker.vertex_indices: 45 vertices" in out
 
 
 def test_cli_errors_are_one_line(world, tmp_path, capsys):
     rc = run_cli("idgen", IdGenTrainConfig, trainIdGen.main,
-                 ["--config", str(REPO / "configs" / "demo" / "idgen.yaml"), "train.maxsteps=3"])
+                 ["--config", str(DEMO / "idgen.yaml"), "train.maxsteps=3"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1
     assert err.startswith("error: unknown config key 'train.maxsteps'; valid keys in 'train': max_steps,")
@@ -105,20 +247,30 @@ def test_cli_errors_are_one_line(world, tmp_path, capsys):
     assert rc == 2
     assert err == (f"error: config key 'arcface.weights': file not found: "
                    f"{tmp_path}/pretrained/arcface/glint360_r100/backbone.pth (data_root='{tmp_path}')\n")
+    rc = run_cli("idrank", IdRankTrainConfig, trainIdRank.main,
+                 ["--config", str(DEMO / "idrank.yaml"), f"data_root={world}", "data.root=.",
+                  "ranker.vertex_region=nose_tip", "idgen_checkpoint=nope.pt", "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"error: config key 'idgen_checkpoint': file not found: {world}/nope.pt " \
+                              f"(data_root='{world}')\n"
 
 
-def test_dry_run_reports_missing_dataset_files(world, tmp_path, capsys, monkeypatch):
-    stand_in_builders(monkeypatch)
-    args = ["--config", str(REPO / "configs" / "demo" / "idgen.yaml"), f"data_root={world}",
+def test_dry_run_reports_missing_dataset_files(world, tmp_path, capsys):
+    args = ["--config", str(DEMO / "idgen.yaml"), f"data_root={world}",
             "data.root=.", "flame.model_path=null_is_not_allowed", "--dry-run"]
     rc = run_cli("idgen", IdGenTrainConfig, trainIdGen.main, args)
     assert rc == 2 and "config key 'flame.model_path': file not found" in capsys.readouterr().err
-    (world / "flame.pkl").write_bytes(b"x")
-    args[-2] = "flame.model_path=flame.pkl"
     rc = run_cli("idgen", IdGenTrainConfig, trainIdGen.main,
-                 args + ["flame.landmark_embedding_path=null", "data.train=[WORLDID_TRAIN,NOPE]"])
+                 args[:-2] + ["data.train=[WORLDID_TRAIN,NOPE]", "--dry-run"])
     assert rc == 2 and "no image list for dataset NOPE" in capsys.readouterr().err
-    rc = run_cli("idgen", IdGenTrainConfig, trainIdGen.main,
-                 args + ["flame.landmark_embedding_path=null", "arcface.layers=[1,1,1,1]", "arcface.width=8"])
-    out = capsys.readouterr().out
-    assert rc == 0 and out.rstrip().endswith("dry run OK") and "data.train: 4 items, data.val: 2 items" in out
+
+
+def test_bad_vertex_region_is_one_line(world, idgen_run, capsys):
+    run, _ = idgen_run
+    rc = run_cli("idrank", IdRankTrainConfig, trainIdRank.main,
+                 ["--config", str(DEMO / "idrank.yaml"), f"data_root={world}", "data.root=.",
+                  "ranker.vertex_region=nose_tip", f"idgen_checkpoint={run / 'checkpoints' / 'latest.pt'}",
+                  "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith("error: config key 'ranker.vertex_indices': ") and "'nose_tip'" in err

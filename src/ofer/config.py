@@ -369,25 +369,39 @@ class DenoiserConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Noise schedule, training objective and the denoiser learning rate (OFER: eps, L1)."""
+    """Noise schedule, training objective and the denoiser learning rate (OFER: eps, L1).
+
+    ``schedule: linear`` uses ``num_steps, beta_1, beta_T`` (the original); ``cosine`` uses
+    ``num_steps, cosine_s, max_beta``.
+    """
 
     num_steps: int = 1000
     beta_1: float = 1e-4
     beta_T: float = 1e-2
-    schedule: Literal["linear"] = "linear"
+    schedule: Literal["linear", "cosine"] = "linear"
+    cosine_s: float = 0.008
+    max_beta: float = 0.999
     loss: Literal["l1", "mse"] = "l1"
     lr: float = 1e-3
 
     def validate(self, p: str) -> None:
         _check(self.num_steps >= 2, p + "num_steps", f"must be >= 2, got {self.num_steps}")
-        _check(0 < self.beta_1 < self.beta_T < 1, p + "beta_T",
-               f"must satisfy 0 < beta_1 < beta_T < 1, got {self.beta_1}, {self.beta_T}")
+        if self.schedule == "linear":
+            _check(0 < self.beta_1 < self.beta_T < 1, p + "beta_T",
+                   f"must satisfy 0 < beta_1 < beta_T < 1, got {self.beta_1}, {self.beta_T}")
+        else:
+            _check(self.cosine_s > 0, p + "cosine_s", f"must be > 0, got {self.cosine_s}")
+            _check(0 < self.max_beta < 1, p + "max_beta", f"must be in (0, 1), got {self.max_beta}")
         _check(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
 
 
 @dataclass
 class OcclusionAugConfig:
-    """Synthetic occluders pasted on both crops before the encoders (``ofer.data.occlusion``)."""
+    """Synthetic occluders pasted on both crops before the encoders (``ofer.data.occlusion``).
+
+    ``prob``: chance that an image gets one occluder; ``area``: its area as a fraction of the
+    face box, drawn uniformly from ``[min, max]``. The masks are returned in the batch
+    (``occlusion_mask``, 1 = occluded)."""
 
     prob: float = 0.0
     area: list[float] = field(default_factory=lambda: [0.05, 0.4])
@@ -395,8 +409,9 @@ class OcclusionAugConfig:
 
     def validate(self, p: str) -> None:
         _check(0.0 <= self.prob <= 1.0, p + "prob", f"must be in [0, 1], got {self.prob}")
-        _check(len(self.area) == 2 and 0.0 <= self.area[0] <= self.area[1] <= 1.0, p + "area",
-               f"must be [min, max] with 0 <= min <= max <= 1, got {self.area}")
+        _check(len(self.area) == 2 and 0.0 < self.area[0] <= self.area[1] <= 1.0, p + "area",
+               f"must be [min, max] with 0 < min <= max <= 1 (fractions of the face box), "
+               f"got {self.area}")
 
 
 @dataclass
@@ -543,6 +558,8 @@ class ExpGenTrainConfig:
     seed: int = 0
     resume: bool = False
     n_exp: int = 50
+    #: factor applied to *sampled* jaw poses at inference (stored in the model config;
+    #: 0.5 in the released pipeline). Training targets are always the raw jaw axis-angle.
     jaw_scale: float = 1.0
     flame: FlameConfig = field(default_factory=FlameConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(train=["TEMPEH"]))
@@ -566,13 +583,28 @@ class ExpGenTrainConfig:
 
 @dataclass
 class RankerConfig:
-    """IdRank scoring MLP (``ofer.nets.RankMLP``) and its learning rate."""
+    """IdRank scoring MLP (``ofer.nets.RankMLP``), its feature vertices and learning rate.
+
+    ``vertex_indices``: the K vertices the ranker sees (its input width is ``6 * K``): a
+    ``.npy`` integer array (the original ``frontindices.npy``, 1785 vertices) or a
+    ``FLAME_masks.pkl``-style pickle, of which the region ``vertex_region`` is used.
+    The indices are stored in the checkpoint.
+    """
 
     lr: float = 1e-6
-    front_indices: Optional[str] = "pretrained/frontindices.npy"
+    vertex_indices: str = "pretrained/frontindices.npy"
+    vertex_region: str = "face"
+    hidden: list[int] = field(default_factory=lambda: [4096, 1024, 256, 64])
+    groups: int = 8
+    temperature: float = 1.0
 
     def validate(self, p: str) -> None:
         _check(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
+        _check(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), p + "hidden",
+               f"must hold >= 1 positive widths, got {self.hidden}")
+        _check(self.groups >= 1 and all(h % self.groups == 0 for h in self.hidden), p + "groups",
+               f"must divide every hidden width {self.hidden}, got {self.groups}")
+        _check(self.temperature > 0, p + "temperature", f"must be > 0, got {self.temperature}")
 
 
 @dataclass

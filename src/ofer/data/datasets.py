@@ -31,7 +31,14 @@ identity; ``FaceDataset[key]`` returns a dict of tensors::
     shape_coeffs    (K,n_shape)   float32  replicated identity
     exp_coeffs      (K,n_exp)     float32  (``mode="expression"``)
     jaw_pose        (K,3)         float32  axis-angle (``mode="expression"``)
-    occlusion_mask  (K,1,224,224) float32  1 = occluded (when occlusion is configured)
+    occlusion_mask  (K,1,224,224) float32  1 = occluded, in the 224 crop (when occlusion is configured)
+
+Occlusion augmentation (``occlusion_prob > 0``): each image independently gets, with that
+probability, one synthetic occluder of :mod:`ofer.data.occlusion` on its 224 crop, whose area
+is a fraction (uniform in ``occlusion_area``) of the face box; the same occluder is resampled
+into the 112 ArcFace input, so both encoders see one consistent occluded face. The geometry
+between the two crops (MICA's 2x alignment or OFER's FaRL box crop) and the blob's channel
+order are detected once per dataset from its first occluded image.
     index           ()            int64    position of the item in the index
 
 Randomness is per item: the training sampler passes keys ``(index, seed_tuple)`` and every
@@ -64,6 +71,8 @@ __all__ = [
     "FaceDataset",
     "StreamBatchSampler",
     "build_occluder",
+    "SyntheticOccluder",
+    "detect_crop_frame",
     "CLIP_MEAN",
     "CLIP_STD",
     "farl_preprocess",
@@ -351,51 +360,95 @@ def farl_preprocess(rgb: torch.Tensor, size: int = 224) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # Occlusion augmentation
 # ----------------------------------------------------------------------------------------
-Occluder = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+#: ``(crop (3,224,224) float32 [0,1], rng, kps (5,2) in crop pixels) -> (occluded crop, mask (224,224))``
+Occluder = Callable[[np.ndarray, np.random.Generator, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-class _BoxOccluder:
-    """Fallback occluder: one axis-aligned box of a random colour with mild noise texture.
-
-    ``(image (3,H,W) [0,1], rng) -> (occluded image, mask (H,W) float32, 1 = occluded)``;
-    the box area is a fraction of the image drawn uniformly from ``area``.
+class SyntheticOccluder:
+    """Pastes one occluder of :mod:`ofer.data.occlusion` (hands, objects, face masks,
+    sunglasses, shapes, cutouts) on a crop; its area is a fraction of the face box drawn
+    uniformly from ``area``. Whether an image is occluded at all is decided by the dataset.
     """
 
-    def __init__(self, area: Sequence[float]):
-        self.area = (float(area[0]), float(area[1]))
+    def __init__(self, area: Sequence[float], kinds: Optional[Sequence[str]] = None) -> None:
+        from .occlusion import VALID_KINDS, OcclusionConfig
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        _, h, w = image.shape
-        frac = rng.uniform(*self.area)
-        aspect = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
-        bh = int(round(min(h, np.sqrt(frac * h * w / aspect))))
-        bw = int(round(min(w, frac * h * w / max(bh, 1))))
-        y0 = int(rng.integers(0, h - bh + 1))
-        x0 = int(rng.integers(0, w - bw + 1))
-        mask = np.zeros((h, w), np.float32)
-        mask[y0:y0 + bh, x0:x0 + bw] = 1.0
-        colour = rng.uniform(0, 1, size=(3, 1, 1)).astype(np.float32)
-        tex = colour + 0.08 * rng.standard_normal((3, h, w)).astype(np.float32)
-        out = image * (1 - mask) + np.clip(tex, 0, 1) * mask
-        return out.astype(np.float32), mask
+        self.config = OcclusionConfig(prob=1.0, area=(float(area[0]), float(area[1])),
+                                      kinds=tuple(kinds) if kinds else VALID_KINDS)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator,
+                 kps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from .occlusion import occlude_with_info
+
+        u8 = np.clip(np.rint(image.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
+        res = occlude_with_info(u8, rng, self.config, kps=kps, force=True)
+        out = res.image.astype(np.float32).transpose(2, 0, 1) / 255.0
+        return np.ascontiguousarray(out), res.mask.astype(np.float32)
 
 
 def build_occluder(prob: float, area: Sequence[float]) -> Optional[Occluder]:
-    """The occluder used by the datasets, or None when ``prob == 0``.
-
-    Uses ``ofer.data.occlusion`` when it is available, otherwise :class:`_BoxOccluder`.
-    """
+    """The occluder used by the datasets (:class:`SyntheticOccluder`), or None when ``prob == 0``."""
     if prob <= 0:
         return None
-    try:  # hook for the synthetic occluder library
-        from . import occlusion as _occ  # type: ignore[attr-defined]
+    return SyntheticOccluder(area)
 
-        make = getattr(_occ, "make_occluder", None)
-        if make is not None:
-            return make(area=area)
-    except ImportError:
-        pass
-    return _BoxOccluder(area)
+
+# Where the 112 ArcFace input lies inside the 224 crop: (2,3) affine maps from ArcFace
+# (template) pixels to crop pixels. MICA's crops are the 224 ArcFace alignment (2x; the
+# blob was taken either by striding or by 2x2 averaging); OFER's / ofer.preprocess's crops
+# are the FaRL box crop around the face (the canonical box of ofer.data.align, exact for
+# upright faces aligned from keypoints).
+def _crop_frames() -> dict[str, np.ndarray]:
+    from .align import CANONICAL_BOX, farl_crop_matrix
+
+    return {"aligned": np.array([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]),
+            "aligned_avg": np.array([[2.0, 0.0, 0.5], [0.0, 2.0, 0.5]]),
+            "box": farl_crop_matrix(CANONICAL_BOX, 224)}
+
+
+def _inverse_affine(m: np.ndarray) -> np.ndarray:
+    return np.linalg.inv(np.vstack([m, [0.0, 0.0, 1.0]]))[:2]
+
+
+def _crop_to_112(img_hwc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    from .align import warp_affine
+
+    return warp_affine(img_hwc.astype(np.float32), _inverse_affine(m), 112)
+
+
+def detect_crop_frame(rgb: np.ndarray, blob: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Which crop geometry and channel order relate a 224 crop and its ArcFace blob.
+
+    Args:
+        rgb: (3,224,224) float32 in [0, 1]. blob: (3,112,112) float32 ``(px-127.5)/127.5``.
+
+    Returns:
+        ``(M (2,3) template->crop pixels, bgr)``: the candidate (MICA 2x alignment, or the
+        FaRL box crop; RGB or BGR blob) whose resampled crop is closest to the blob.
+    """
+    img = rgb.transpose(1, 2, 0) * 255.0
+    best = (np.inf, None, False)
+    for m in _crop_frames().values():
+        small = (_crop_to_112(img, m).transpose(2, 0, 1) - 127.5) / 127.5
+        for bgr in (False, True):
+            err = float(np.abs((small[::-1] if bgr else small) - blob).mean())
+            if err < best[0]:
+                best = (err, m, bgr)
+    return best[1], best[2]
+
+
+def _occlude_blob(blob: np.ndarray, rgb_occ: np.ndarray, mask: np.ndarray, m: np.ndarray,
+                  bgr: bool) -> np.ndarray:
+    """Carry an occluder pasted on the 224 crop over to the 112 ArcFace blob.
+
+    ``m`` maps ArcFace pixels to crop pixels (:func:`detect_crop_frame`): the occluded crop and
+    its mask are resampled into the ArcFace frame and blended in.
+    """
+    m112 = _crop_to_112(mask, m)[None]
+    occ = (_crop_to_112(rgb_occ.transpose(1, 2, 0) * 255.0, m).transpose(2, 0, 1) - 127.5) / 127.5
+    if bgr:
+        occ = occ[::-1]
+    return (blob * (1 - m112) + occ * m112).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -436,6 +489,14 @@ class FaceDataset(torch.utils.data.Dataset):
         self.occlusion_prob = float(occlusion_prob)
         self.occluder = occluder if occluder is not None else build_occluder(occlusion_prob, occlusion_area)
         self.with_mask = self.occluder is not None
+        self._frames: dict[str, tuple[np.ndarray, bool]] = {}  # dataset -> (crop frame, bgr)
+
+    def _frame(self, entry: IndexEntry, rgb: np.ndarray, blob: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Crop geometry of ``entry``'s dataset, detected once from its first occluded image."""
+        f = self._frames.get(entry.dataset)
+        if f is None:
+            f = self._frames[entry.dataset] = detect_crop_frame(rgb, blob)
+        return f
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -463,8 +524,12 @@ class FaceDataset(torch.utils.data.Dataset):
             rgb = _read_rgb(img_path) if (self.load_farl or self.with_mask) else None
             mask = np.zeros((224, 224), np.float32)
             if self.occluder is not None and rng.uniform() < self.occlusion_prob:
-                rgb, mask = self.occluder(rgb, rng)
-                blob = _occlude_blob(blob, rgb, mask, bgr=entry.layout == "ofer23")
+                m, bgr = self._frame(entry, rgb, blob)
+                from .align import transform_points
+                from .occlusion import ARCFACE_TEMPLATE
+
+                rgb, mask = self.occluder(rgb, rng, transform_points(m, ARCFACE_TEMPLATE))
+                blob = _occlude_blob(blob, rgb, mask, m, bgr)
             arc.append(blob)
             if self.load_farl:
                 farl.append(rgb)
@@ -483,24 +548,6 @@ class FaceDataset(torch.utils.data.Dataset):
         if self.with_mask:
             item["occlusion_mask"] = torch.from_numpy(np.stack(masks))[:, None]
         return item
-
-
-def _occlude_blob(blob: np.ndarray, rgb_occ: np.ndarray, mask: np.ndarray, bgr: bool = False) -> np.ndarray:
-    """Paste the occluder into the 112 ArcFace blob ((px-127.5)/127.5; RGB for MICA files,
-    BGR for OFER's own ``.npy`` files).
-
-    The 112 input is a half-resolution copy of the 224 crop (same alignment template x2),
-    so a 2x2 average of the occluded crop and of the mask gives the occluder there.
-    """
-    h, w = mask.shape
-    if (h, w) != (224, 224):
-        return blob
-    m = mask.reshape(112, 2, 112, 2).mean(axis=(1, 3))
-    small = rgb_occ.reshape(3, 112, 2, 112, 2).mean(axis=(2, 4))
-    occ = (small * 255.0 - 127.5) / 127.5
-    if bgr:
-        occ = occ[::-1]
-    return (blob * (1 - m) + occ * m).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------

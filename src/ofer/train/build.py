@@ -72,56 +72,125 @@ def build_farl(c: FaRLConfig, weights: Optional[Path]) -> torch.nn.Module:
     return m
 
 
-def head_config(kind: str, cfg: Any) -> dict[str, Any]:
-    """The plain-dict config handed to ``ofer.models.<Head>.from_config``."""
+def schedule_config(cfg: Any) -> dict[str, Any]:
+    """The ``schedule`` dict of ``ofer.models`` from ``cfg.diffusion``."""
+    d = cfg.diffusion
+    if d.schedule == "cosine":
+        return {"kind": "cosine", "num_steps": d.num_steps, "s": d.cosine_s, "max_beta": d.max_beta}
+    return {"kind": "linear", "num_steps": d.num_steps, "beta_1": d.beta_1, "beta_T": d.beta_T}
+
+
+def head_config(kind: str, cfg: Any, num_vertices: Optional[int] = None) -> dict[str, Any]:
+    """The plain-dict config handed to ``ofer.models.<Head>.from_config``.
+
+    IdGen: ``param_dim = n_shape``, ``cond_dim = 512`` (ArcFace). ExpGen: ``param_dim =
+    n_exp + 3`` (expression + jaw), ``cond_dim = farl.embed_dim + 512``. IdRank: ``in_dim =
+    6 * num_vertices``, ``cond_dim = farl.embed_dim + 512``.
+    """
     if kind == "idgen":
         return {"param_dim": cfg.n_shape, "cond_dim": 512, "dims": list(cfg.denoiser.dims),
-                "num_qkv": cfg.denoiser.num_qkv, "num_steps": cfg.diffusion.num_steps,
-                "beta_1": cfg.diffusion.beta_1, "beta_T": cfg.diffusion.beta_T,
+                "num_qkv": cfg.denoiser.num_qkv, "schedule": schedule_config(cfg),
                 "loss": cfg.diffusion.loss}
     if kind == "expgen":
-        return {"n_exp": cfg.n_exp, "cond_dim": 512 + cfg.farl.embed_dim, "dims": list(cfg.denoiser.dims),
-                "num_qkv": cfg.denoiser.num_qkv, "num_steps": cfg.diffusion.num_steps,
-                "beta_1": cfg.diffusion.beta_1, "beta_T": cfg.diffusion.beta_T,
-                "loss": cfg.diffusion.loss, "jaw_scale": cfg.jaw_scale}
+        return {"param_dim": cfg.n_exp + 3, "cond_dim": 512 + cfg.farl.embed_dim,
+                "dims": list(cfg.denoiser.dims), "num_qkv": cfg.denoiser.num_qkv,
+                "schedule": schedule_config(cfg), "loss": cfg.diffusion.loss,
+                "jaw_scale": cfg.jaw_scale}
+    if kind == "idrank":
+        if num_vertices is None:
+            raise ValueError("the IdRank config needs num_vertices")
+        r = cfg.ranker
+        return {"in_dim": 6 * int(num_vertices), "cond_dim": 512 + cfg.farl.embed_dim,
+                "hidden": list(r.hidden), "groups": r.groups, "temperature": r.temperature}
     raise ValueError(kind)
 
 
-def build_head(kind: str, cfg: Any, in_dim: Optional[int] = None) -> torch.nn.Module:
-    """IdGen / ExpGen / IdRank from ``ofer.models`` (the core networks)."""
+def load_rank_vertices(cfg: Any) -> np.ndarray:
+    """The (K,) int64 ranker vertices from ``ranker.vertex_indices`` (+ ``ranker.vertex_region``)."""
+    from ..nets.rank_mlp import load_vertex_indices
+
+    from ..flame.assets import safe_load_pickle
+
+    path = _asset(cfg, "ranker.vertex_indices", cfg.ranker.vertex_indices)
+    try:
+        # .pkl masks go through the FLAME allow-list unpickler (Python 2 and 3 pickles).
+        source = path if path.suffix == ".npy" else safe_load_pickle(path)
+        return load_vertex_indices(source, key=cfg.ranker.vertex_region)
+    except AssetError as exc:
+        raise AssetError(f"config key 'ranker.vertex_indices': {exc}") from exc
+
+
+def build_head(kind: str, cfg: Any, vertex_indices: Any = None,
+               num_vertices: Optional[int] = None) -> torch.nn.Module:
+    """IdGen / ExpGen / IdRank from ``ofer.models`` (the core networks).
+
+    For IdRank give ``vertex_indices`` (K,) or, to fill them later from a state_dict,
+    ``num_vertices`` K.
+    """
     from .. import models
 
     if kind == "idrank":
-        return models.IdRank.from_config({"in_dim": in_dim, "cond_dim": 512 + cfg.farl.embed_dim})
+        if vertex_indices is not None:
+            num_vertices = len(vertex_indices)
+        return models.IdRank.from_config(head_config(kind, cfg, num_vertices),
+                                         vertex_indices=vertex_indices)
     cls = models.IdGen if kind == "idgen" else models.ExpGen
     return cls.from_config(head_config(kind, cfg))
 
 
-def build_model(kind: str, cfg: Any, load_weights: bool = True, in_dim: Optional[int] = None
-                ) -> ConditionedModel:
-    """Encoders + head for ``kind``; pretrained encoder weights when ``load_weights``."""
+def build_model(kind: str, cfg: Any, load_weights: bool = True, vertex_indices: Any = None,
+                num_vertices: Optional[int] = None) -> ConditionedModel:
+    """Encoders + head for ``kind``; pretrained encoder weights when ``load_weights``.
+
+    IdRank: the vertices come from ``vertex_indices`` / ``num_vertices`` when given, else from
+    ``ranker.vertex_indices`` of the config.
+    """
+    if kind == "idrank" and vertex_indices is None and num_vertices is None:
+        vertex_indices = load_rank_vertices(cfg)
+    head = build_head(kind, cfg, vertex_indices=vertex_indices, num_vertices=num_vertices)
     aw = _asset(cfg, "arcface.weights", cfg.arcface.weights) if load_weights else None
     arcface = build_arcface(cfg.arcface, aw)
     farl = None
     if kind in ("expgen", "idrank"):
         fw = _asset(cfg, "farl.weights", cfg.farl.weights) if load_weights else None
         farl = build_farl(cfg.farl, fw)
-    return ConditionedModel(build_head(kind, cfg, in_dim=in_dim), arcface, farl)
+    return ConditionedModel(head, arcface, farl)
 
 
-def load_trained_model(path: str | Path, kind: str, use_ema: bool = True) -> tuple[ConditionedModel, Any]:
-    """Rebuild a model of ours from its checkpoint (config inside), EMA weights by default."""
-    ck = read_checkpoint(path)
+def load_trained_model(path: str | Path, kind: str, use_ema: bool = True,
+                       map_location: str | torch.device = "cpu") -> tuple[ConditionedModel, Any]:
+    """Rebuild a model of ours from its checkpoint (config inside), EMA weights by default.
+
+    This is how sampling loads IdGen / ExpGen / IdRank checkpoints written by the training
+    scripts. No asset file is read: encoder weights, the denoiser / ranker and (IdRank) the
+    feature vertex indices all come from the checkpoint.
+
+    Returns:
+        ``(model, cfg)``: a :class:`ConditionedModel` in eval mode (``.head``, ``.arcface``,
+        ``.farl``, ``.condition(arcface_x, farl_x)``) and the training config.
+
+    Raises:
+        CheckpointError: unreadable file, wrong kind, or weights that do not fit.
+    """
+    ck = read_checkpoint(path, map_location=map_location)
     if ck.get("kind") != kind:
         raise CheckpointError(f"checkpoint {path} is a {ck.get('kind')!r} checkpoint, expected {kind!r}")
     cfg = config_from_dict(SCHEMAS[kind], ck["config"])
-    in_dim = None
-    if kind == "idrank":
-        w = ck["model"].get("head.net.ranklayers.0.mlp.weight")
-        in_dim = int(w.shape[1]) if w is not None else None
-    model = build_model(kind, cfg, load_weights=False, in_dim=in_dim)
     sd = ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"]
-    model.load_state_dict(sd)
+    num_vertices = None
+    if kind == "idrank":
+        idx = sd.get("head.vertex_indices")
+        if idx is None:
+            raise CheckpointError(f"checkpoint {path} has no 'head.vertex_indices' (not an IdRank of ours)")
+        num_vertices = int(idx.shape[0])
+    model = build_model(kind, cfg, load_weights=False, num_vertices=num_vertices)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path}: weights do not fit the {kind} model of its config "
+                              f"({first})") from exc
+    model.eval()
     return model, cfg
 
 
@@ -187,8 +256,9 @@ def check_assets(kind: str, cfg: Any) -> list[str]:
             raise CheckpointError(f"config key 'idgen_checkpoint': {p} is a {ck.get('kind')!r} "
                                   "checkpoint, expected 'idgen'")
         report.append(f"idgen_checkpoint: {p} (step {ck.get('step')})")
-        if cfg.ranker.front_indices:
-            report.append(f"ranker.front_indices: {_asset(cfg, 'ranker.front_indices', cfg.ranker.front_indices)}")
+        idx = load_rank_vertices(cfg)
+        report.append(f"ranker.vertex_indices: {len(idx)} vertices from "
+                      f"{resolve_path(cfg.data_root, cfg.ranker.vertex_indices)}")
     mode = "expression" if kind == "expgen" else "identity"
     train, val = build_datasets(cfg, mode, load_farl=kind != "idgen", check=True)
     report.append(f"data.train: {len(train)} items" + (f", data.val: {len(val)} items" if val else ""))
@@ -203,21 +273,14 @@ def replace(cfg: Any, **changes: Any) -> Any:
 def dry_run(kind: str, cfg: Any) -> list[str]:
     """Validate assets, weights (by loading them) and the dataset index; return a report."""
     report = check_assets(kind, cfg)
-    in_dim = None
     if kind == "idrank":
-        in_dim = 0  # the ranker width depends on FLAME; weights of the encoders are what we check
         idgen, _ = load_trained_model(resolve_path(cfg.data_root, cfg.idgen_checkpoint), "idgen",
                                       cfg.idgen_use_ema)
         report.append(f"idgen model: {sum(p.numel() for p in idgen.parameters())} parameters")
-        aw = _asset(cfg, "arcface.weights", cfg.arcface.weights)
-        fw = _asset(cfg, "farl.weights", cfg.farl.weights)
-        build_arcface(cfg.arcface, aw)
-        build_farl(cfg.farl, fw)
-    else:
-        model = build_model(kind, cfg, load_weights=True)
-        n = sum(p.numel() for p in model.parameters())
-        t = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        report.append(f"model: {n} parameters, {t} trainable")
+    model = build_model(kind, cfg, load_weights=True)
+    n = sum(p.numel() for p in model.parameters())
+    t = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report.append(f"model: {n} parameters, {t} trainable")
     report.append(f"run_dir: {cfg.run_dir}")
     report.append("dry run OK")
     return report

@@ -45,12 +45,16 @@ class EMA:
     def update(self, module: nn.Module, decay: Optional[float] = None) -> None:
         """Blend the current weights into the average (``decay=0`` copies them)."""
         d = self.decay if decay is None else float(decay)
+        avg, cur = [], []
         for name, t in self._tracked(module):
             s = self.shadow[name]
             if isinstance(t, nn.Parameter):
-                s.lerp_(t.detach(), 1.0 - d)
+                avg.append(s)
+                cur.append(t.detach())
             else:  # buffers (BatchNorm statistics) are copied
                 s.copy_(t.detach())
+        if avg:  # one fused update (same arithmetic as a per-tensor lerp_)
+            torch._foreach_lerp_(avg, cur, 1.0 - d)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged tensors only (names as in the module)."""

@@ -214,7 +214,7 @@ def run_training(
     groups = [g for g in groups if g["params"]]
     opt = torch.optim.AdamW(groups, lr=groups[0]["lr"] if groups else 0.0,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay)
+                            weight_decay=cfg.optim.weight_decay, foreach=True if groups else None)
     ema = EMA(model, cfg.ema.decay, task.ema_prefixes) if cfg.ema.enabled else None
 
     # ---- resume -------------------------------------------------------------------------

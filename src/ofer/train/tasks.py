@@ -7,10 +7,11 @@ checkpoint's ``"model"``/``"ema"`` state_dict holds everything inference needs:
 * ExpGen: ``farl.*`` + ``arcface.*`` + ``head.*`` (``ExpGen``); cond = [FaRL | normalize(ArcFace)].
 * IdRank: ``farl.*`` + ``arcface.*`` + ``head.*`` (``IdRank``); scores N frozen-IdGen samples.
 
-The EMA covers ``head.`` (the denoiser / ranker). The heads only need the interface
-``training_loss(x0, cond, generator) -> (loss, {"loss": (B,), "t": (B,)})`` and
-``sample(cond, n, method=, steps=, generator=) -> (B,n,D)`` (generators), or
-``features / forward / training_loss / select`` (ranker), so tests can use stand-ins.
+The EMA covers ``head.`` (the denoiser / ranker). The heads are ``ofer.models.IdGen`` /
+``ExpGen`` (``training_loss(x0, cond, generator) -> (loss, {"loss": (B,), "t": (B,)})``,
+``sample(cond, n, method=, steps=, generator=) -> (B,n,D)``) and ``ofer.models.IdRank``
+(``features(vertices)``, ``forward(features, cond)``, ``training_loss(scores, vertices,
+gt_vertices)``, ``vertex_indices``).
 """
 
 from __future__ import annotations
@@ -186,18 +187,20 @@ class IdGenTask(_GenTask):
 
 
 class ExpGenTask(_GenTask):
-    """x0 = [exp_coeffs[:n_exp] | jaw_scale * jaw_pose] (53-d); cond = [FaRL | normalize(ArcFace)]."""
+    """x0 = [exp_coeffs[:n_exp] | jaw_pose] (n_exp + 3, the raw jaw as in the original);
+    cond = [FaRL | normalize(ArcFace)]. ``jaw_scale`` only affects sampling for users
+    (``ExpGen.split``); validation compares raw samples with the ground truth."""
 
     kind = "expgen"
 
     def target(self, b):
-        return torch.cat([b["exp_coeffs"][:, : self.cfg.n_exp], b["jaw_pose"] * self.cfg.jaw_scale], -1)
+        return torch.cat([b["exp_coeffs"][:, : self.cfg.n_exp], b["jaw_pose"]], -1)
 
     def _verts(self, shape, x):
         n = self.cfg.n_exp
         exp = torch.nn.functional.pad(x[:, :n], (0, self.cfg.flame.n_exp - n))
         shape = torch.nn.functional.pad(shape, (0, self.cfg.flame.n_shape - shape.shape[-1]))
-        return self.vertices(shape_coeffs=shape, exp_coeffs=exp, jaw_pose=x[:, n:] / self.cfg.jaw_scale)
+        return self.vertices(shape_coeffs=shape, exp_coeffs=exp, jaw_pose=x[:, n:])
 
     def validate(self, model, dataset, generator):
         if self.vertices is None:
@@ -232,29 +235,32 @@ class IdRankTask(TrainTask):
 
     Args:
         cfg: ``IdRankTrainConfig``.
-        model: ConditionedModel(IdRank, ArcFace, FaRL).
+        model: ConditionedModel(IdRank, ArcFace, FaRL); the IdRank holds its feature
+            vertices (``head.vertex_indices``).
         idgen: the frozen IdGen ConditionedModel (EMA weights), never trained here.
         vertices: FLAME vertices function (metres).
-        front_indices: optional (F,) vertex ids the ranker sees.
+
+    Validation (``val/*``, Euclidean mean over the ranker's vertices, mm): ``chosen_mm``
+    (top-scored hypothesis), ``sample_mm`` (average hypothesis), ``oracle_mm`` (best of N),
+    ``mean_sample_mm`` (the mean shape of the N), ``top1`` (rate of picking the best).
     """
 
     kind = "idrank"
     ema_prefixes = ["head."]
     metric_name = "val/chosen_mm"
 
-    def __init__(self, cfg: Any, model: ConditionedModel, idgen: ConditionedModel, vertices: VertexFn,
-                 front_indices: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, cfg: Any, model: ConditionedModel, idgen: ConditionedModel,
+                 vertices: VertexFn) -> None:
         self.cfg = cfg
         self.model = model
         self.idgen = idgen.requires_grad_(False)
         self.vertices = vertices
-        self.front = front_indices
 
     def param_groups(self):
         return _groups(self.model, self.cfg.ranker.lr, self.cfg.arcface.lr, self.cfg.farl.lr, "ranker")
 
     def _hypotheses(self, b, generator, method, steps):
-        """(B,N,F,3) sample vertices and (B,F,3) ground truth, in metres (no grad)."""
+        """(B,N,V,3) sample vertices and (B,V,3) ground truth, in metres (no grad)."""
         dev = b["arcface"].device
         self.idgen.to(dev).eval()
         with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
@@ -266,34 +272,30 @@ class IdRankTask(TrainTask):
             verts = self.vertices(shape_coeffs=torch.nn.functional.pad(s.reshape(B * n, D), (0, pad)))
             gt = self.vertices(shape_coeffs=torch.nn.functional.pad(
                 b["shape_coeffs"][:, :D].float(), (0, pad)))
-        verts = verts.view(B, n, -1, 3)
-        if self.front is not None:
-            f = self.front.to(dev)
-            verts, gt = verts[:, :, f], gt[:, f]
-        return verts, gt
+        return verts.view(B, n, -1, 3), gt
 
     def loss(self, model, batch, generator):
         b = flatten_views(batch)
         verts, gt = self._hypotheses(b, generator, self.cfg.sample_method, self.cfg.sample_steps)
         cond = _cond(model, b)
-        feats = model.head.features(verts)
-        scores = model.head(feats, cond).float()
-        out = model.head.training_loss(scores, verts, gt)
-        loss, stats = out if isinstance(out, tuple) else (out, {})
-        stats = dict(stats)
-        stats.setdefault("loss", loss.detach().expand(scores.shape[0]))
-        return loss, stats
+        scores = model.head(model.head.features(verts), cond).float()
+        loss, stats = model.head.training_loss(scores, verts, gt)
+        per = -(torch.softmax(-stats["errors_mm"] / model.head.temperature, 1)
+                * torch.log_softmax(scores.detach(), 1)).sum(1)
+        return loss, {"loss": per, "picked_error_mm": stats["picked_error_mm"]}
 
     def validate(self, model, dataset, generator):
         dev = _device_of(model)
         top1, chosen, mean_s, avg_s, oracle = [], [], [], [], []
         v = self.cfg.val
+        idx = model.head.vertex_indices.to(dev)
         for b in _val_batches(dataset, v.max_items):
             b = {k: t.to(dev) for k, t in b.items()}
             verts, gt = self._hypotheses(b, generator, v.method, v.steps)
             scores = model.head(model.head.features(verts), _cond(model, b)).float()
+            verts, gt = verts[:, :, idx], gt[:, idx]
             err = vertex_error_mm(verts, gt[:, None])  # (B,N)
-            pick = scores.argmax(1)
+            pick = model.head.select(scores)
             top1.append((pick == err.argmin(1)).float())
             chosen.append(err.gather(1, pick[:, None])[:, 0])
             mean_s.append(vertex_error_mm(verts.mean(1), gt))
