@@ -144,3 +144,42 @@ def test_config_errors():
     assert OcclusionConfig.from_dict({"prob": 0.2, "kinds": ["hand"]}).kinds == ("hand",)
     with pytest.raises(ValueError, match="uint8"):
         occlude(np.zeros((8, 8, 3), np.float32), np.random.default_rng(0))
+
+
+def test_dataset_occluder_on_chw_floats():
+    from ofer.data.occlusion import crop_kps, make_occluder
+
+    f = make_occluder(area=(0.1, 0.3))
+    img = np.random.default_rng(0).random((3, 224, 224)).astype(np.float32)
+    for seed in range(8):
+        out, mask = f(img, np.random.default_rng(seed))
+        assert out.shape == img.shape and out.dtype == np.float32 and mask.dtype == np.float32
+        assert set(np.unique(mask)) <= {0.0, 1.0} and mask.any()
+        np.testing.assert_array_equal(out[:, mask == 0], img[:, mask == 0])  # exact outside
+        assert 0.1 <= mask.sum() / 224**2 <= 0.3  # a fraction of the image, as the datasets expect
+    # face-placed kinds: sunglasses cover the crop's eyes
+    g = make_occluder(area=(0.05, 0.4), kinds=("sunglasses",))
+    hits = 0
+    for seed in range(4):
+        _, mask = g(img, np.random.default_rng(seed))
+        k = crop_kps(224)
+        hits += int(all(mask[int(round(y)), int(round(x))] for x, y in k[:2]))
+    assert hits >= 3
+
+
+def test_crop_kps_match_the_preprocessing_crop():
+    from ofer.data.align import farl_crop_matrix, transform_points
+    from ofer.data.images import prepare_face_array
+    from ofer.data.occlusion import ARCFACE_TEMPLATE, crop_kps
+
+    # a frontal face somewhere in a larger image: the template scaled, rotated and shifted
+    a = np.deg2rad(8.0)
+    R = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) * 1.7
+    kps = ARCFACE_TEMPLATE @ R.T + [60.0, 40.0]
+    face = prepare_face_array(np.zeros((300, 320, 3), np.uint8), kps=kps)
+    got = transform_points(farl_crop_matrix(face.box, 224), kps)
+    # the crop box is axis-aligned, so an in-plane rotation moves the points a little
+    np.testing.assert_allclose(got, crop_kps(224), atol=12.0)
+    straight = ARCFACE_TEMPLATE * 1.7 + [60.0, 40.0]
+    face = prepare_face_array(np.zeros((300, 320, 3), np.uint8), kps=straight)
+    np.testing.assert_allclose(transform_points(farl_crop_matrix(face.box, 224), straight), crop_kps(224), atol=1.0)

@@ -160,6 +160,38 @@ def _is_conditioned_checkpoint(ckpt: dict) -> bool:
     return isinstance(model, dict) and any(str(k).startswith("head.") for k in model)
 
 
+def _strip(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} or sd
+
+
+def arcface_arch(sd: dict) -> dict:
+    """IResNet constructor arguments read off an insightface-layout state dict."""
+    sd = _strip(_strip(sd, "module."), "arcface.")
+    try:
+        layers = tuple(1 + max((int(k.split(".")[1]) for k in sd if k.startswith(f"layer{i}.")), default=-1)
+                       for i in range(1, 5))
+        width = int(sd["conv1.weight"].shape[0])
+        num_features = int(sd["fc.weight"].shape[0])
+        side = int(round((sd["fc.weight"].shape[1] / (8 * width)) ** 0.5))
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"the arcface weights are not in the insightface IResNet layout ({exc})") from exc
+    return {"layers": layers, "width": width, "num_features": num_features, "input_size": side * 16}
+
+
+def farl_arch(sd: dict) -> dict:
+    """FaRLEncoder constructor arguments read off a CLIP visual-tower state dict (heads = width / 64)."""
+    sd = _strip(_strip(sd, "visual."), "farl.")
+    try:
+        width, _, patch, _ = sd["conv1.weight"].shape
+        grid = int(round((sd["positional_embedding"].shape[0] - 1) ** 0.5))
+        layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
+        out = int(sd["proj"].shape[1])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"the farl weights are not in the CLIP visual-tower layout ({exc})") from exc
+    return {"image_size": grid * int(patch), "patch_size": int(patch), "width": int(width), "layers": layers,
+            "heads": max(1, int(width) // 64), "output_dim": out}
+
+
 def load_model(path: Path, kind: str, vertex_indices: Optional[Path] = None) -> nn.Module:
     """Encoders + head of ``kind`` from our training checkpoint or an official/converted file.
 
@@ -184,13 +216,13 @@ def load_model(path: Path, kind: str, vertex_indices: Optional[Path] = None) -> 
     enc = getattr(head, "encoder_state_dicts", {}) or {}
     if "arcface" not in enc:
         raise CheckpointError(f"{path}: no 'arcface' encoder weights in this {kind} checkpoint")
-    arcface = IResNet()
+    arcface = IResNet(**arcface_arch(enc["arcface"]))
     load_arcface_state_dict(arcface, enc["arcface"])
     farl = None
     if kind in ("expgen", "idrank"):
         if "farl" not in enc:
             raise CheckpointError(f"{path}: no 'farl' encoder weights in this {kind} checkpoint")
-        farl = FaRLEncoder()
+        farl = FaRLEncoder(**farl_arch(enc["farl"]))
         load_farl_state_dict(farl, enc["farl"])
     if kind == "idrank" and bool((head.vertex_indices < 0).any()):
         if vertex_indices is None or not vertex_indices.is_file():
@@ -245,6 +277,14 @@ class Reconstructor:
         self._farl = {"idrank": idrank.farl, "expgen": expgen.farl}
         self._arc_alias = self._aliases(self._arcface)
         self._farl_alias = self._aliases(self._farl)
+        for which, model in (("idgen", idgen), ("expgen", expgen)):
+            method, steps = cfg.sampler(which)
+            T = model.head.var_sched.num_steps
+            if method == "legacy_ddim" and steps is not None:
+                raise ConfigError(f"config key '{which}_steps' must be null for legacy_ddim (fixed stride 4)")
+            if method == "ddpm" and steps not in (None, T):
+                raise ConfigError(f"config key '{which}_steps' must be null or {T} for ddpm "
+                                  f"(use ddim or dpmpp_2m for fewer steps), got {steps}")
         if flame_id.num_vertices != flame_exp.num_vertices:
             raise AssetError("the identity and expression FLAME layers have different vertex counts")
 
@@ -297,7 +337,15 @@ class Reconstructor:
         far: dict[str, torch.Tensor] = {}
         for name, mod in self._farl.items():
             src = self._farl_alias[name]
-            far[name] = far[src] if src != name and src in far else mod(farl_x)
+            if src != name and src in far:
+                far[name] = far[src]
+                continue
+            x = farl_x
+            size = getattr(mod, "image_size", x.shape[-1])
+            if x.shape[-1] != size:  # a smaller (demo) FaRL: resize the 224 crop to its input
+                x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
+                                                    align_corners=False)
+            far[name] = mod(x)
         norm = {k: torch.nn.functional.normalize(v.float(), dim=-1) for k, v in arc.items()}
         conds = {
             "idgen": norm["idgen"],
@@ -419,12 +467,12 @@ def _write_preview(path: Path, res: ImageResult, faces: np.ndarray, crop: np.nda
     size = 192
     cells = [np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR))]
     labels = ["input"]
-    cells.append(render_mesh_preview(res.identity_vertices.double().numpy(), faces, size=size))
+    cells.append(render_mesh_preview(res.identity_vertices.double().numpy(), faces, size=size, supersample=1))
     labels.append(f"ranked #{res.ranked_index}")
-    cells.append(render_mesh_preview(res.worst_vertices.double().numpy(), faces, size=size))
+    cells.append(render_mesh_preview(res.worst_vertices.double().numpy(), faces, size=size, supersample=1))
     labels.append("lowest score")
     for k in range(min(8, res.expression_vertices.shape[0])):
-        cells.append(render_mesh_preview(res.expression_vertices[k].double().numpy(), faces, size=size))
+        cells.append(render_mesh_preview(res.expression_vertices[k].double().numpy(), faces, size=size, supersample=1))
         labels.append(f"expression {k}")
     grid = image_grid(cells, ncols=min(len(cells), 6) if len(cells) > 3 else 3, labels=labels)
     buf = io.BytesIO()

@@ -110,7 +110,7 @@ class Camera:
         up: Sequence[float] = (0.0, 1.0, 0.0),
     ) -> "Camera":
         """Camera looking at ``center`` from ``direction`` so that an object of diameter
-        ``extent`` spans about ``fill`` of the image width (helper to look at a head)."""
+        ``extent`` spans about ``fill`` of the image width (to look at a head)."""
         direction = np.asarray(direction, dtype=np.float64)
         direction = direction / np.linalg.norm(direction)
         half = math.tan(math.radians(fov_deg) / 2.0)
@@ -139,7 +139,7 @@ class Camera:
         return np.stack([x, y], axis=-1)
 
 
-# --------------------------------------------------------------------------- geometry helpers
+# --------------------------------------------------------------------------- geometry utilities
 
 
 def vertex_normals(vertices: ArrayLike, faces: ArrayLike) -> torch.Tensor:

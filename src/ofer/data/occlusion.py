@@ -47,6 +47,8 @@ __all__ = [
     "occlude_with_info",
     "face_box",
     "default_kps",
+    "crop_kps",
+    "make_occluder",
 ]
 
 VALID_KINDS: tuple[str, ...] = ("polygon", "ellipse", "hand", "object", "facemask", "sunglasses", "cutout")
@@ -126,7 +128,7 @@ class OcclusionResult:
     reference_area: float = field(default=0.0)
 
 
-# --------------------------------------------------------------------------- geometry helpers
+# --------------------------------------------------------------------------- geometry utilities
 
 
 def default_kps(height: int, width: int) -> np.ndarray:
@@ -382,25 +384,28 @@ def occlude_with_info(
     kps: np.ndarray | None = None,
     source: np.ndarray | None = None,
     force: bool = False,
+    reference: str = "auto",
 ) -> OcclusionResult:
     """Apply a random occluder; see the module docstring.
 
     image: (H,W,3) uint8. kps: optional (5,2) insightface keypoints in pixels. source: optional
     (h,w,3) uint8 image for ``cutout``. force: ignore ``config.prob`` and always occlude.
+    reference: what ``config.area`` is a fraction of: ``"auto"`` (the face box when ``kps`` are
+    given, else the image), ``"face"`` or ``"image"``.
     Returns an :class:`OcclusionResult`; the input is not modified.
     """
+    if reference not in ("auto", "face", "image"):
+        raise ValueError(f"reference must be 'auto', 'face' or 'image', got {reference!r}")
     cfg = config if config is not None else OcclusionConfig()
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise ValueError(f"occlude expects an (H,W,3) uint8 image, got {img.shape} {img.dtype}")
     H, W = img.shape[:2]
     apply = force or (rng.random() < cfg.prob)
-    if kps is not None:
-        kps_arr = np.asarray(kps, dtype=np.float64).reshape(5, 2)
-        _, ref_area = face_box(kps_arr)
-        ref_area = min(ref_area, float(H * W))
+    kps_arr = default_kps(H, W) if kps is None else np.asarray(kps, dtype=np.float64).reshape(5, 2)
+    if reference == "face" or (reference == "auto" and kps is not None):
+        ref_area = min(face_box(kps_arr)[1], float(H * W))
     else:
-        kps_arr = default_kps(H, W)
         ref_area = float(H * W)
     if not apply:
         return OcclusionResult(img.copy(), np.zeros((H, W), bool), None, 0.0, ref_area)
@@ -498,6 +503,62 @@ def occlude(
     """
     r = occlude_with_info(image, rng, config, kps=kps, source=source)
     return r.image, r.mask
+
+
+def crop_kps(size: int = 224, crop: str = "farl") -> np.ndarray:
+    """Where the five keypoints of a frontal face land in a preprocessed crop, (5,2) float64.
+
+    crop: ``"farl"`` for the 224 FaRL crop written by the preprocessing step (the square of 1.6x
+    the face box around its centre, the box derived from the keypoints), ``"arcface"`` for the
+    ArcFace-aligned crop (the template scaled to ``size``).
+    """
+    if crop == "arcface":
+        return default_kps(size, size)
+    if crop != "farl":
+        raise ValueError(f"crop must be 'farl' or 'arcface', got {crop!r}")
+    from .align import box_from_kps, farl_crop_matrix, transform_points
+
+    m = farl_crop_matrix(box_from_kps(ARCFACE_TEMPLATE), size)
+    return transform_points(m, ARCFACE_TEMPLATE)
+
+
+class _ChwOccluder:
+    """Dataset-side wrapper: ``(image (3,H,W) float in [0,1], rng) -> (image, mask (H,W) float32)``."""
+
+    def __init__(self, config: OcclusionConfig, crop: str) -> None:
+        self.config = config
+        self.crop = crop
+        self._kps: dict[tuple[int, int], np.ndarray] = {}
+
+    def _kps_for(self, h: int, w: int) -> np.ndarray | None:
+        if h != w:
+            return None
+        if (h, w) not in self._kps:
+            self._kps[(h, w)] = crop_kps(h, self.crop)
+        return self._kps[(h, w)]
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        img = np.asarray(image, dtype=np.float32)
+        _, h, w = img.shape
+        u8 = np.clip(np.rint(img.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
+        r = occlude_with_info(u8, rng, self.config, kps=self._kps_for(h, w), force=True, reference="image")
+        m = r.mask.astype(np.float32)
+        occ = r.image.transpose(2, 0, 1).astype(np.float32) / 255.0
+        out = img * (1.0 - m) + occ * m
+        return out.astype(np.float32), m
+
+
+def make_occluder(area: Sequence[float] = (0.05, 0.4), kinds: Sequence[str] = VALID_KINDS,
+                  textures: Sequence[str] = VALID_TEXTURES, crop: str = "farl"):
+    """Occluder for the training datasets (the caller decides *whether* to occlude).
+
+    Returns ``f(image (3,H,W) float32 in [0,1], rng) -> (occluded image (3,H,W) float32,
+    mask (H,W) float32, 1 = occluded)``; ``area`` is a fraction of the image. Square crops are
+    assumed to be the preprocessing step's ``crop`` (``"farl"`` or ``"arcface"``), so that
+    occluders are centred on the face and face masks and sunglasses sit where they belong.
+    """
+    cfg = OcclusionConfig(prob=1.0, area=tuple(area), kinds=tuple(kinds), textures=tuple(textures))
+    return _ChwOccluder(cfg, crop)
 
 
 class Occluder:

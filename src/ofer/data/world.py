@@ -34,7 +34,6 @@ import io
 import json
 import math
 import os
-import pickle
 import shutil
 import sys
 import tempfile
@@ -48,7 +47,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, OferError
-from ..render import Camera, look_at, render
+from ..render import Camera, render
 from .occlusion import OcclusionConfig, occlude_with_info
 
 __all__ = [
@@ -68,6 +67,8 @@ WORLD_FORMAT_VERSION = 1
 ID_NAME = "WORLDID"
 EXP_NAME = "WORLDEXP"
 N_SHAPE, N_EXP = 300, 100
+#: channel order of the world's ArcFace blobs: RGB, as MICA's files (the layout's convention)
+ARCFACE_CHANNEL_ORDER = "rgb"
 
 #: iBUG-68 index groups used for the five insightface keypoints
 _LEFT_EYE = list(range(36, 42))  # appears on the image left in a frontal view
@@ -233,8 +234,9 @@ class FaceSample:
     image: (H,W,3) uint8 final image; clean: (H,W,3) uint8 before the occluder;
     occluder_mask: (H,W) bool; face_mask: (H,W) bool pixels of the head;
     kps: (5,2) float32 insightface keypoints (pixels); landmarks2d: (68,2) float32;
-    vertex_in_render: (V,) bool, the vertex belongs to a triangle seen in the clean render;
-    vertex_visible: (V,) bool, ... seen in at least one pixel the occluder leaves free;
+    vertex_in_render: (V,) bool, the vertex belongs to a triangle seen in the clean render (at
+    least one pixel of the face-id buffer) and projects into the image;
+    vertex_visible: (V,) bool, in_render and the pixel it projects to is not under the occluder;
     occluded_fraction: share of the face-region pixels covered by the occluder;
     mouth_occluded: at least half of the 20 mouth landmarks lie under the occluder;
     occluder: kind of occluder or None; camera: the camera; vertices: (V,3) float32 as rendered.
@@ -425,20 +427,22 @@ class FaceRenderer:
         head = fid >= 0
         mask = occ.mask
         V = self.n_vertices
+        S = self.scene.size
         F = self.faces.shape[0]
         seen = np.zeros(F, bool)
         seen[fid[head]] = True
-        free = np.zeros(F, bool)
-        free[fid[head & ~mask]] = True
         in_render = np.zeros(V, bool)
         in_render[self.faces[seen].reshape(-1)] = True
-        visible = np.zeros(V, bool)
-        visible[self.faces[free].reshape(-1)] = True
+        # a seen vertex is hidden when the occluder covers the pixel it projects to
+        px = np.rint(cam.project(verts)).astype(np.int64)
+        inside = (px[:, 0] >= 0) & (px[:, 0] < S) & (px[:, 1] >= 0) & (px[:, 1] < S)
+        in_render &= inside
+        pc = np.clip(px, 0, S - 1)
+        visible = in_render & ~mask[pc[:, 1], pc[:, 0]]
         face_px = head.copy()
         face_px[head] = self.face_tri[fid[head]]
         n_face = int(face_px.sum())
         occ_frac = float((face_px & mask).sum()) / n_face if n_face else 0.0
-        S = self.scene.size
         mpx = np.clip(np.rint(lm2[_MOUTH]).astype(int), 0, S - 1)
         mouth_occ = bool(mask[mpx[:, 1], mpx[:, 0]].mean() >= 0.5)
         return FaceSample(
@@ -532,24 +536,21 @@ def _params(shape: np.ndarray, exp: np.ndarray | None = None, jaw: np.ndarray | 
 # --------------------------------------------------------------------------- crops
 
 
-def make_crops(renders_dir: Path, output_dir: Path, items: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> None:
+def make_crops(output_dir: Path, items: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> None:
     """Write the 224 crop ``<output>/<rel>.jpg`` and ArcFace input ``<rel>.npy`` of each render.
 
     items: ``(relpath without extension, image (H,W,3) uint8, kps (5,2))``. Uses the
-    preprocessing step (:mod:`ofer.preprocess`, alignment from the keypoints, no detector) with
-    its defaults (BGR ArcFace blob, JPEG quality 95), on the in-memory renders.
+    preprocessing step's face preparation (:func:`ofer.data.images.prepare_face_array`, the
+    alignment from the keypoints, no detector; what ``python -m ofer.preprocess`` does with the
+    ``.kps.txt`` sidecars) on the in-memory renders, with the MICA conventions of this layout:
+    **RGB** ArcFace blob, JPEG quality 95 (:data:`ARCFACE_CHANNEL_ORDER`).
     """
-    try:
-        from ..data.images import prepare_face_array
-    except ImportError as exc:  # pragma: no cover - depends on the preprocessing module
-        raise NotImplementedError(
-            "the crop step needs ofer.data.images.prepare_face_array (the preprocessing module); "
-            "build the world with crops=False and run 'python -m ofer.preprocess' on renders/<NAME>"
-        ) from exc
+    from .images import prepare_face_array
     from PIL import Image
 
     for rel, img, kps in items:
-        face = prepare_face_array(img, kps=np.asarray(kps, np.float64), name=rel, source_hint="sidecar")
+        face = prepare_face_array(img, kps=np.asarray(kps, np.float64), name=rel, source_hint="sidecar",
+                                  channel_order=ARCFACE_CHANNEL_ORDER)
         buf = io.BytesIO()
         Image.fromarray(face.farl_crop).save(buf, format="JPEG", quality=95)
         base = output_dir / rel
@@ -589,15 +590,14 @@ def _load_masks(path: Path) -> dict:
 
 
 def build_world(output: str | os.PathLike, config: WorldConfig, *, overwrite: bool = False,
-                progress: bool = False) -> dict:
+                progress: bool = False, workers: int | None = 1) -> dict:
     """Build a synthetic world in ``output`` (see the module docstring); returns world.json's dict.
 
     The world is assembled in a staging folder next to ``output`` and renamed into place at the
     end, so an interrupted run leaves no half-written world. An existing non-empty ``output``
-    is an error unless ``overwrite``.
+    is an error unless ``overwrite``. ``workers`` processes render in parallel (``None``: one
+    per CPU core, at most 4); the output is the same for any number of workers.
     """
-    from ..flame.synthetic import write_synthetic_flame
-
     out = Path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OferError(f"output folder {out} exists and is not empty (pass --overwrite to replace it)")
@@ -609,7 +609,9 @@ def build_world(output: str | os.PathLike, config: WorldConfig, *, overwrite: bo
     # faster than several competing with other processes for the cores
     torch.set_num_threads(1)
     try:
-        info = _build(stage, config, progress)
+        if workers is None:
+            workers = min(4, os.cpu_count() or 1)
+        info = _build(stage, config, progress, int(workers))
         info["build_seconds"] = None  # kept out of the file: world.json must be reproducible
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
@@ -632,63 +634,164 @@ def _log(progress: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _build(root: Path, cfg: WorldConfig, progress: bool) -> dict:
-    from ..flame.synthetic import write_synthetic_flame
+# A world is built as independent jobs, one per identity and part ("id", "exp", "test"). Each
+# job draws from its own generator and writes its own files, so the output does not depend on
+# the order of the jobs or on how many processes run them.
 
-    paths = write_synthetic_flame(root / "flame", n_vertices=int(cfg.vertices), seed=int(cfg.flame_seed))
-    flame = _load_flame(root / "flame")
-    masks = _load_masks(Path(paths.masks))
-    fr = FaceRenderer(flame, cfg.scene, masks)
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_setup(root: str, cfg: WorldConfig) -> None:
+    torch.set_num_threads(1)
+    flame_dir = Path(root) / "flame"
+    flame = _load_flame(flame_dir)
+    _WORKER["fr"] = FaceRenderer(flame, cfg.scene, _load_masks(flame_dir / "FLAME_masks.pkl"))
+    _WORKER["root"] = Path(root)
+    _WORKER["cfg"] = cfg
+
+
+def _identity(cfg: WorldConfig, fr: FaceRenderer, i: int) -> tuple[np.ndarray, np.ndarray]:
+    g = _rng(cfg.seed, _S_ID, i)
+    return cfg.prior.sample_identity(g), fr.sample_albedo(g)
+
+
+def _run_job(job: tuple[str, int]) -> dict:
+    """Render and write one job; returns its list entries (and nothing heavy)."""
+    part, i = job
+    fr: FaceRenderer = _WORKER["fr"]
+    root: Path = _WORKER["root"]
+    cfg: WorldConfig = _WORKER["cfg"]
     prior = cfg.prior
-    crops: dict[str, list] = {ID_NAME: [], EXP_NAME: []}
-
-    # ---- identities (WORLDID)
-    ids = [f"id{i:04d}" for i in range(cfg.identities)]
-    id_lists: dict[str, tuple[list[str], str]] = {}
-    identity: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    M = cfg.images_per_identity
-    for i, actor in enumerate(ids):
-        g = _rng(cfg.seed, _S_ID, i)
-        shape = prior.sample_identity(g)
-        albedo = fr.sample_albedo(g)
-        identity[actor] = (shape, albedo)
-        gi = _rng(cfg.seed, _S_IDIMG, i)
-        exps, jaws = zip(*(prior.sample_expression(gi, cfg.id_expression_scale) for _ in range(M)))
-        samples = fr.render_batch(gi, np.tile(shape, (M, 1)), np.stack(exps), np.stack(jaws), albedo)
+    result: dict[str, Any] = {"part": part, "index": i, "entries": {}}
+    crops: list = []
+    if part == "id":
+        actor = f"id{i:04d}"
+        shape, albedo = _identity(cfg, fr, i)
+        g = _rng(cfg.seed, _S_IDIMG, i)
+        M = cfg.images_per_identity
+        exps, jaws = zip(*(prior.sample_expression(g, cfg.id_expression_scale) for _ in range(M)))
+        samples = fr.render_batch(g, np.tile(shape, (M, 1)), np.stack(exps), np.stack(jaws), albedo)
         rels = []
-        for j, s in enumerate(samples):
+        for j, smp in enumerate(samples):
             rel = f"{actor}/{j:03d}"
-            _write_render(root / "renders" / ID_NAME, rel, s)
-            crops[ID_NAME].append((rel, s.image, s.kps))
+            _write_render(root / "renders" / ID_NAME, rel, smp)
+            crops.append((rel, smp.image, smp.kps))
             rels.append(rel + ".jpg")
         _write(root / ID_NAME / "FLAME_parameters" / actor / f"{actor}.npz", _params(shape))
-        id_lists[actor] = (rels, f"{actor}/{actor}.npz")
-    _log(progress, f"world: {len(ids)} identities x {M} images rendered")
-
-    # ---- expressions (WORLDEXP): F frames per training identity
-    exp_lists: dict[str, tuple[list[str], str]] = {}
-    exp_of: dict[str, str] = {}
-    for i, actor in enumerate(ids if cfg.expression_frames > 0 else []):
-        shape, albedo = identity[actor]
+        result["entries"][actor] = (rels, f"{actor}/{actor}.npz")
+        name = ID_NAME
+    elif part == "exp":
+        actor = f"id{i:04d}"
+        shape, albedo = _identity(cfg, fr, i)
         g = _rng(cfg.seed, _S_EXP, i)
+        P = cfg.images_per_frame
         for k in range(cfg.expression_frames):
             exp, jaw = prior.sample_expression(g)
-            P = cfg.images_per_frame
             samples = fr.render_batch(g, np.tile(shape, (P, 1)), np.tile(exp, (P, 1)), np.tile(jaw, (P, 1)), albedo)
             frame = f"{actor}__e{k:02d}__000"
             rels = []
-            for j, s in enumerate(samples):
+            for j, smp in enumerate(samples):
                 rel = f"{frame}/{j:03d}"
-                _write_render(root / "renders" / EXP_NAME, rel, s)
-                crops[EXP_NAME].append((rel, s.image, s.kps))
+                _write_render(root / "renders" / EXP_NAME, rel, smp)
+                crops.append((rel, smp.image, smp.kps))
                 rels.append(rel + ".jpg")
             _write(root / EXP_NAME / "FLAME_parameters" / frame / f"{frame}.npz", _params(shape, exp, jaw))
-            exp_lists[frame] = (rels, f"{frame}/{frame}.npz")
-            exp_of[frame] = actor
-    if exp_lists:
-        _log(progress, f"world: {len(exp_lists)} expression frames rendered")
+            result["entries"][frame] = (rels, f"{frame}/{frame}.npz")
+        name = EXP_NAME
+    elif part == "test":
+        _run_test_job(root, cfg, fr, i, result)
+        return result
+    else:  # pragma: no cover
+        raise ValueError(part)
+    if cfg.crops:
+        make_crops(root / name / "arcface_input", crops)
+    return result
 
-    # ---- splits and lists
+
+def _run_test_job(root: Path, cfg: WorldConfig, fr: FaceRenderer, i: int, result: dict) -> None:
+    occ = cfg.scene.occlusion
+    test_cfg = OcclusionConfig(prob=1.0, area=occ.area, kinds=occ.kinds, textures=occ.textures)
+    g = _rng(cfg.seed, _S_TEST, i)
+    shape = cfg.prior.sample_identity(g)
+    albedo = fr.sample_albedo(g)
+    T = cfg.test_images_per_identity
+    exps, jaws = zip(*(cfg.prior.sample_expression(g) for _ in range(T)))
+    exps_a, jaws_a = np.stack(exps), np.stack(jaws)
+    samples = fr.render_batch(g, np.tile(shape, (T, 1)), exps_a, jaws_a, albedo, occlusion=test_cfg,
+                              force_occlusion=True)
+    with torch.no_grad():
+        neutral = fr.flame(shape_coeffs=torch.as_tensor(shape[None])).vertices[0].numpy()
+    ids = []
+    for j, smp in enumerate(samples):
+        tid = f"test{i:04d}_{j:02d}"
+        ids.append(tid)
+        _write(root / "test" / "images" / f"{tid}.png", _png_bytes(smp.image))
+        _write(root / "test" / "images" / f"{tid}.kps.txt", _kps_text(smp.kps))
+        _write(root / "test" / "gt" / f"{tid}_mask.png", _png_bytes((smp.occluder_mask * 255).astype(np.uint8)))
+        cam = smp.camera
+        _write(root / "test" / "gt" / f"{tid}.npz", _npz_bytes(
+            shape_coeffs=shape.astype(np.float32), exp_coeffs=exps_a[j].astype(np.float32),
+            jaw_pose=jaws_a[j].astype(np.float32), global_pose=smp.global_pose,
+            neck_pose=np.zeros(3, np.float32), eye_pose=np.zeros(6, np.float32),
+            vertex_visible=smp.vertex_visible, vertex_in_render=smp.vertex_in_render,
+            occluded_fraction=np.float32(smp.occluded_fraction), mouth_occluded=np.bool_(smp.mouth_occluded),
+            occluder=np.array(smp.occluder or ""), kps=smp.kps, landmarks2d=smp.landmarks2d,
+            vertices=smp.vertices, vertices_neutral=neutral.astype(np.float32),
+            camera_K=cam.K.astype(np.float32), camera_R=cam.R.astype(np.float32),
+            camera_t=cam.t.astype(np.float32),
+        ))
+    result["test_ids"] = ids
+
+
+def _build(root: Path, cfg: WorldConfig, progress: bool, workers: int) -> dict:
+    from ..flame.synthetic import write_synthetic_flame
+
+    write_synthetic_flame(root / "flame", n_vertices=int(cfg.vertices), seed=int(cfg.flame_seed))
+    jobs = [("id", i) for i in range(cfg.identities)]
+    if cfg.expression_frames > 0:
+        jobs += [("exp", i) for i in range(cfg.identities)]
+    if cfg.test_images_per_identity > 0:
+        jobs += [("test", i) for i in range(cfg.test_identities)]
+    results: list[dict] = []
+    t0 = time.time()
+    if workers <= 1:
+        _worker_setup(str(root), cfg)
+        try:
+            for k, job in enumerate(jobs):
+                results.append(_run_job(job))
+                if progress and (k + 1) % 20 == 0:
+                    _log(progress, f"world: {k + 1}/{len(jobs)} jobs ({time.time() - t0:.1f} s)")
+            fr = _WORKER["fr"]
+        finally:
+            _WORKER.clear()
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork on Linux (as torch's DataLoader; no main-module guard needed), spawn elsewhere
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_setup,
+                                 initargs=(str(root), cfg)) as ex:
+            for k, res in enumerate(ex.map(_run_job, jobs, chunksize=1)):
+                results.append(res)
+                if progress and (k + 1) % 20 == 0:
+                    _log(progress, f"world: {k + 1}/{len(jobs)} jobs ({time.time() - t0:.1f} s)")
+        fr = FaceRenderer(_load_flame(root / "flame"), cfg.scene, _load_masks(root / "flame" / "FLAME_masks.pkl"))
+
+    # ---- lists, split by identity (results are in job order whatever the worker count)
+    ids = [f"id{i:04d}" for i in range(cfg.identities)]
+    M = cfg.images_per_identity
+    id_lists: dict[str, tuple[list[str], str]] = {}
+    exp_lists: dict[str, tuple[list[str], str]] = {}
+    test_ids: list[str] = []
+    for res in results:
+        if res["part"] == "id":
+            id_lists.update(res["entries"])
+        elif res["part"] == "exp":
+            exp_lists.update(res["entries"])
+        else:
+            test_ids.extend(res["test_ids"])
+    exp_of = {frame: frame.split("__")[0] for frame in exp_lists}
     train_ids, val_ids = _split(ids, cfg.val_fraction)
     val_set = set(val_ids)
     lists = {
@@ -700,50 +803,7 @@ def _build(root: Path, cfg: WorldConfig, progress: bool) -> dict:
         lists[f"{EXP_NAME}_VAL"] = {a: v for a, v in exp_lists.items() if exp_of[a] in val_set}
     for name, d in lists.items():
         _write(root / "image_paths" / f"{name}.npy", _list_bytes(d))
-
-    # ---- held-out test images
-    test_cfg = OcclusionConfig(prob=1.0, area=cfg.scene.occlusion.area, kinds=cfg.scene.occlusion.kinds,
-                               textures=cfg.scene.occlusion.textures)
-    test_ids = []
-    for i in range(cfg.test_identities):
-        g = _rng(cfg.seed, _S_TEST, i)
-        shape = prior.sample_identity(g)
-        albedo = fr.sample_albedo(g)
-        T = cfg.test_images_per_identity
-        if T == 0:
-            continue
-        exps, jaws = zip(*(prior.sample_expression(g) for _ in range(T)))
-        exps_a, jaws_a = np.stack(exps), np.stack(jaws)
-        samples = fr.render_batch(g, np.tile(shape, (T, 1)), exps_a, jaws_a, albedo, occlusion=test_cfg,
-                                  force_occlusion=True)
-        with torch.no_grad():
-            neutral = flame(shape_coeffs=torch.as_tensor(shape[None])).vertices[0].numpy()
-        for j, s in enumerate(samples):
-            tid = f"test{i:04d}_{j:02d}"
-            test_ids.append(tid)
-            _write(root / "test" / "images" / f"{tid}.png", _png_bytes(s.image))
-            _write(root / "test" / "images" / f"{tid}.kps.txt", _kps_text(s.kps))
-            _write(root / "test" / "gt" / f"{tid}_mask.png", _png_bytes((s.occluder_mask * 255).astype(np.uint8)))
-            cam = s.camera
-            _write(root / "test" / "gt" / f"{tid}.npz", _npz_bytes(
-                shape_coeffs=shape.astype(np.float32), exp_coeffs=exps_a[j].astype(np.float32),
-                jaw_pose=jaws_a[j].astype(np.float32), global_pose=s.global_pose,
-                neck_pose=np.zeros(3, np.float32), eye_pose=np.zeros(6, np.float32),
-                vertex_visible=s.vertex_visible, vertex_in_render=s.vertex_in_render,
-                occluded_fraction=np.float32(s.occluded_fraction), mouth_occluded=np.bool_(s.mouth_occluded),
-                occluder=np.array(s.occluder or ""), kps=s.kps, landmarks2d=s.landmarks2d,
-                vertices=s.vertices, vertices_neutral=neutral.astype(np.float32),
-                camera_K=cam.K.astype(np.float32), camera_R=cam.R.astype(np.float32),
-                camera_t=cam.t.astype(np.float32),
-            ))
-    if test_ids:
-        _log(progress, f"world: {len(test_ids)} test images rendered")
-
-    # ---- crops (the preprocessing step)
-    if cfg.crops:
-        for name, items in crops.items():
-            make_crops(root / "renders" / name, root / name / "arcface_input", items)
-        _log(progress, "world: crops and ArcFace inputs written")
+    _log(progress, f"world: {len(jobs)} jobs done in {time.time() - t0:.1f} s")
 
     info = {
         "format_version": WORLD_FORMAT_VERSION,
@@ -764,6 +824,8 @@ def _build(root: Path, cfg: WorldConfig, progress: bool) -> dict:
         "lists": sorted(f"image_paths/{n}.npy" for n in lists),
         "test": {"ids": test_ids, "images": "test/images", "gt": "test/gt"},
         "crops": bool(cfg.crops),
+        "arcface_channel_order": ARCFACE_CHANNEL_ORDER,
+        "crop": "224 FaRL crop (1.6x the face box from the keypoints) as written by ofer.preprocess",
     }
     _write(root / "world.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
     return info
@@ -801,6 +863,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flame-seed", type=int, default=0, help="seed of the synthetic head model (default 0)")
     p.add_argument("--occlusion-prob", type=float, default=0.5, help="occluder probability of training images")
     p.add_argument("--no-crops", action="store_true", help="skip the 224 crops / ArcFace inputs")
+    p.add_argument("--workers", type=int, default=0,
+                   help="parallel processes (default 0 = one per core, at most 4); the output does not depend on it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     return p
@@ -816,7 +880,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed, vertices=args.vertices, flame_seed=args.flame_seed, crops=not args.no_crops,
             scene=SceneConfig(size=args.size, occlusion=OcclusionConfig(prob=args.occlusion_prob)),
         )
-        info = build_world(args.output, cfg, overwrite=args.overwrite, progress=not args.quiet)
+        info = build_world(args.output, cfg, overwrite=args.overwrite, progress=not args.quiet,
+                           workers=None if args.workers <= 0 else args.workers)
     except OferError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,241 @@
+"""The synthetic world: determinism, layout, keypoints, visibility and ground truth."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ofer.data.occlusion import OcclusionConfig
+from ofer.data.world import (
+    FaceRenderer,
+    HeadPrior,
+    SceneConfig,
+    WorldConfig,
+    build_world,
+    kps_from_landmarks68,
+    main,
+    save_npz_deterministic,
+)
+from ofer.errors import ConfigError, OferError
+
+TINY = dict(identities=3, images_per_identity=2, expression_frames=2, images_per_frame=2, test_identities=2,
+            vertices=1200, scene=SceneConfig(size=96))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world") / "w"
+    build_world(out, WorldConfig(seed=3, **TINY))
+    return out
+
+
+@pytest.fixture(scope="module")
+def renderer(world) -> FaceRenderer:
+    from ofer.flame import FLAME
+    from ofer.flame import safe_load_pickle
+
+    flame = FLAME(world / "flame" / "generic_model.pkl", world / "flame" / "landmark_embedding.npy")
+    return FaceRenderer(flame, SceneConfig(size=128), safe_load_pickle(world / "flame" / "FLAME_masks.pkl"))
+
+
+def test_same_seed_gives_identical_bytes(world, tmp_path):
+    other = tmp_path / "again"
+    build_world(other, WorldConfig(seed=3, **TINY), workers=2)  # the worker count must not matter
+    a, b = _files(world), _files(other)
+    assert sorted(a) == sorted(b)
+    # the FLAME landmark file holds pickled torch tensors whose serialisation is not byte-stable
+    differ = [k for k in a if a[k] != b[k] and k != "flame/landmark_embedding.npy"]
+    assert differ == []
+    assert any(k.endswith(".npz") for k in a) and any(k.startswith("image_paths/") for k in a)
+
+
+def test_other_seed_gives_other_params(world, tmp_path):
+    other = tmp_path / "seed4"
+    build_world(other, WorldConfig(seed=4, **{**TINY, "expression_frames": 0, "test_identities": 0}))
+    p = "WORLDID/FLAME_parameters/id0000/id0000.npz"
+    assert (world / p).read_bytes() != (other / p).read_bytes()
+    assert not (other / "image_paths" / "WORLDEXP_TRAIN.npy").exists()
+
+
+def test_layout_and_every_referenced_file_exists(world):
+    info = json.loads((world / "world.json").read_text())
+    assert info["seed"] == 3
+    for name, base in (("WORLDID", "WORLDID"), ("WORLDEXP", "WORLDEXP")):
+        actors = []
+        for split in ("TRAIN", "VAL"):
+            d = np.load(world / "image_paths" / f"{name}_{split}.npy", allow_pickle=True).item()
+            assert isinstance(d, dict)
+            for actor, value in d.items():
+                assert isinstance(value, tuple) and len(value) == 2
+                images, params = value
+                assert params == f"{actor}/{actor}.npz"
+                assert (world / base / "FLAME_parameters" / params).is_file()
+                for rel in images:
+                    assert rel.startswith(actor + "/") and rel.endswith(".jpg")
+                    crop = world / base / "arcface_input" / rel
+                    assert crop.is_file()
+                    with Image.open(crop) as im:
+                        assert im.size == (224, 224)
+                    blob = np.load(crop.with_suffix(".npy"))
+                    assert blob.shape == (3, 112, 112) and blob.dtype == np.float32
+                    assert -1.0 <= blob.min() and blob.max() <= 1.0
+                    stem = world / "renders" / base / rel[: -len(".jpg")]
+                    for suffix in (".png", ".kps.txt", "_mask.png"):
+                        assert Path(str(stem) + suffix).is_file()
+            actors += list(d)
+        assert sorted(actors) == sorted(info["datasets"][name]["train"] + info["datasets"][name]["val"])
+    # identity split: no identity on both sides, in either dataset
+    tr = set(info["datasets"]["WORLDID"]["train"])
+    va = set(info["datasets"]["WORLDID"]["val"])
+    assert tr and va and not tr & va
+    for frame in info["datasets"]["WORLDEXP"]["val"]:
+        assert frame.split("__")[0] in va
+    assert len(tr | va) == 3
+    for f in ("generic_model.pkl", "landmark_embedding.npy", "FLAME_masks.pkl"):
+        assert (world / "flame" / f).is_file()
+
+
+def test_params_follow_the_mica_convention(world):
+    prior = HeadPrior()
+    d = np.load(world / "WORLDID/FLAME_parameters/id0001/id0001.npz")
+    assert sorted(d.files) == ["betas", "pose"]
+    assert d["betas"].shape == (400,) and d["pose"].shape == (15,)
+    assert np.count_nonzero(d["betas"][:300]) == prior.shape_active
+    assert not d["betas"][prior.shape_active:].any() and not d["pose"].any()
+    e = np.load(world / "WORLDEXP/FLAME_parameters/id0001__e01__000/id0001__e01__000.npz")
+    np.testing.assert_array_equal(e["betas"][:300], d["betas"][:300])  # same identity
+    assert np.count_nonzero(e["betas"][300:]) == prior.exp_active
+    assert not e["betas"][350:].any()  # at most the first 50 expression coefficients
+    assert e["pose"][6] >= 0 and not e["pose"][:6].any() and not e["pose"][9:].any()
+
+
+def test_test_split_ground_truth(world):
+    info = json.loads((world / "world.json").read_text())
+    ids = info["test"]["ids"]
+    assert ids == ["test0000_00", "test0001_00"]
+    for tid in ids:
+        kps = np.loadtxt(world / "test" / "images" / f"{tid}.kps.txt")
+        assert kps.shape == (5, 2)
+        gt = np.load(world / "test" / "gt" / f"{tid}.npz")
+        assert gt["shape_coeffs"].shape == (300,) and gt["exp_coeffs"].shape == (100,)
+        assert gt["jaw_pose"].shape == (3,) and gt["global_pose"].shape == (3,)
+        V = gt["vertices"].shape[0]
+        assert gt["vertex_visible"].shape == (V,) and gt["vertex_visible"].dtype == bool
+        assert (gt["vertex_visible"] <= gt["vertex_in_render"]).all()
+        np.testing.assert_allclose(gt["kps"], kps, atol=1e-3)
+        mask = np.asarray(Image.open(world / "test" / "gt" / f"{tid}_mask.png")) > 127
+        assert mask.any()  # test images are always occluded
+        assert 0.0 <= float(gt["occluded_fraction"]) <= 1.0
+        assert str(gt["occluder"]) != ""
+        # the stored camera, vertices, mask and visibility agree with each other
+        pc = gt["vertices"].astype(np.float64) @ gt["camera_R"].T.astype(np.float64) + gt["camera_t"]
+        K = gt["camera_K"].astype(np.float64)
+        u = np.rint(K[0, 0] * pc[:, 0] / pc[:, 2] + K[0, 2]).astype(int)
+        v = np.rint(K[1, 1] * pc[:, 1] / pc[:, 2] + K[1, 2]).astype(int)
+        seen = gt["vertex_in_render"]
+        np.testing.assert_array_equal(gt["vertex_visible"], seen & ~mask[v.clip(0, 95), u.clip(0, 95)])
+        # the neutral identity is different from the same identity of an id actor
+        assert gt["vertices_neutral"].shape == (V, 3)
+        # the test identity is held out: not equal to any training identity
+        for a in ("id0000", "id0001", "id0002"):
+            b = np.load(world / f"WORLDID/FLAME_parameters/{a}/{a}.npz")["betas"][:300]
+            assert not np.allclose(b, gt["shape_coeffs"])
+
+
+def test_kps_and_landmarks_project_onto_the_face(renderer):
+    rng = np.random.default_rng(0)
+    prior = HeadPrior()
+    B = 4
+    shape = np.stack([prior.sample_identity(rng) for _ in range(B)])
+    exp, jaw = zip(*(prior.sample_expression(rng) for _ in range(B)))
+    samples = renderer.render_batch(rng, shape, np.stack(exp), np.stack(jaw), renderer.sample_albedo(rng),
+                                    occlusion=OcclusionConfig(prob=0.0))
+    for s in samples:
+        for x, y in s.kps[:2]:  # both eyes
+            assert s.face_mask[int(round(y)), int(round(x))]
+        # the 5 points are the documented combination of the 68 projected landmarks
+        np.testing.assert_allclose(s.kps, kps_from_landmarks68(s.landmarks2d), atol=1e-4)
+        # insightface order: image-left eye before image-right eye, mouth corners likewise
+        assert s.kps[0, 0] < s.kps[1, 0] and s.kps[3, 0] < s.kps[4, 0]
+        assert s.kps[2, 1] < s.kps[3, 1]  # nose above the mouth (|roll| <= 12 degrees)
+        # no occluder: every vertex seen is visible
+        np.testing.assert_array_equal(s.vertex_visible, s.vertex_in_render)
+        assert 0.2 < s.vertex_in_render.mean() < 0.9
+        assert not s.occluder_mask.any() and s.occluded_fraction == 0.0
+
+
+def test_visibility_is_consistent_with_the_occluder(renderer):
+    rng = np.random.default_rng(5)
+    prior = HeadPrior()
+    B = 4
+    shape = np.tile(prior.sample_identity(rng), (B, 1))
+    exp, jaw = zip(*(prior.sample_expression(rng) for _ in range(B)))
+    samples = renderer.render_batch(rng, shape, np.stack(exp), np.stack(jaw), renderer.sample_albedo(rng),
+                                    occlusion=OcclusionConfig(prob=1.0, area=(0.2, 0.4)), force_occlusion=True)
+    S = renderer.scene.size
+    for s in samples:
+        m = s.occluder_mask
+        assert m.any()
+        hidden = s.vertex_in_render & ~s.vertex_visible
+        assert hidden.any()
+        # independent check: hidden = seen and projecting onto the occluder
+        px = s.camera.project(s.vertices)
+        ij = np.clip(np.rint(px).astype(int), 0, S - 1)
+        np.testing.assert_array_equal(hidden, s.vertex_in_render & m[ij[:, 1], ij[:, 0]])
+        # seen vertices lie on the visible surface: most project onto head pixels (the rest sit
+        # on the silhouette and round to a background pixel)
+        assert s.face_mask[ij[s.vertex_in_render, 1], ij[s.vertex_in_render, 0]].mean() > 0.85
+        # occluded fraction matches the pixel count on the head
+        assert 0.0 < s.occluded_fraction <= 1.0
+        # the occluded image differs from the clean one only under the mask
+        np.testing.assert_array_equal(s.image[~m], s.clean[~m])
+
+
+def test_prior_and_config_validation():
+    rng = np.random.default_rng(0)
+    p = HeadPrior(shape_active=7, exp_active=3)
+    s = p.sample_identity(rng)
+    assert s.shape == (300,) and s.dtype == np.float32 and np.count_nonzero(s) == 7
+    e, j = p.sample_expression(rng, scale=0.0)
+    assert not e.any() and not j.any()
+    with pytest.raises(ConfigError, match="exp_active"):
+        HeadPrior(exp_active=60)
+    with pytest.raises(ConfigError, match="scene.yaw"):
+        SceneConfig(yaw=(30.0, -30.0))
+    with pytest.raises(ConfigError, match="world.identities"):
+        WorldConfig(identities=0)
+
+
+def test_deterministic_npz_round_trip():
+    a = {"x": np.arange(5, dtype=np.float32), "flag": np.bool_(True), "name": np.array("hand")}
+    b1, b2 = io.BytesIO(), io.BytesIO()
+    save_npz_deterministic(b1, **a)
+    save_npz_deterministic(b2, **a)
+    assert b1.getvalue() == b2.getvalue()
+    d = np.load(io.BytesIO(b1.getvalue()))
+    np.testing.assert_array_equal(d["x"], a["x"])
+    assert bool(d["flag"]) and str(d["name"]) == "hand"
+
+
+def test_cli_and_existing_output(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["--output", str(out), "--identities", "2", "--images-per-identity", "1", "--expression-frames", "0",
+            "--test-identities", "1", "--size", "64", "--vertices", "800", "--no-crops", "--workers", "1", "--quiet"]
+    assert main(args) == 0
+    assert (out / "world.json").is_file() and not (out / "WORLDID" / "arcface_input").exists()
+    assert main(args) == 2  # refuses to overwrite
+    assert "not empty" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    with pytest.raises(OferError, match="not empty"):
+        build_world(out, WorldConfig(identities=1, images_per_identity=1))
+    # no staging folders are left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]
