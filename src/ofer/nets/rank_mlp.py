@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import AssetError, UnsafePickleError
+from ..errors import AssetError
+from ..flame.assets import SafeUnpickler
 from .unet1d import draw_default_init
 
 __all__ = [
@@ -182,25 +182,6 @@ def listnet_loss(scores: Tensor, errors_mm: Tensor, temperature: float = 1.0) ->
 
 
 # --------------------------------------------------------------- vertex indices
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickler that only rebuilds numpy arrays / scalars and plain containers."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("builtins", "dict"), ("builtins", "list"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self._ALLOWED:
-            raise UnsafePickleError(
-                f"refusing to unpickle {module}.{name}: a vertex-index pickle may only hold "
-                "numpy arrays in a dict"
-            )
-        return super().find_class(module, name)
-
-
 def load_vertex_indices(source, key: str = "face") -> np.ndarray:
     """Vertex indices for the ranker features, as a sorted-as-given int64 array (K,).
 
@@ -226,7 +207,7 @@ def load_vertex_indices(source, key: str = "face") -> np.ndarray:
                 raise AssetError(f"{path}: expected a plain integer .npy array ({exc})") from exc
         else:
             with open(path, "rb") as f:
-                source = _ArrayUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+                source = SafeUnpickler(io.BytesIO(f.read())).load()  # the FLAME allow-list
     if isinstance(source, Mapping):
         if key not in source:
             raise AssetError(f"{name}: no {key!r} entry (found {sorted(map(str, source))[:8]})")
