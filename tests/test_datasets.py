@@ -18,7 +18,7 @@ from ofer.data.datasets import (
     load_index,
     read_image_list,
 )
-from ofer.errors import AssetError
+from ofer.errors import AssetError, UnsafePickleError
 
 from _train_helpers import write_world
 
@@ -117,7 +117,7 @@ def test_image_list_refuses_code(tmp_path):
     arr[()] = {"a": Evil()}
     path = tmp_path / "evil.npy"
     np.save(path, arr, allow_pickle=True)
-    with pytest.raises(AssetError, match=r"builtins.print, which is not allowed"):
+    with pytest.raises(UnsafePickleError, match=r"refused to load pickled object builtins\.print"):
         read_image_list(path)
     good = tmp_path / "good.npy"
     np.save(good, {"x": (["a.jpg"], "b.npz")}, allow_pickle=True)

@@ -51,8 +51,6 @@ evaluation view (the first K images, occlusion seeded by the index).
 
 from __future__ import annotations
 
-import io
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence
@@ -62,6 +60,8 @@ import torch
 from PIL import Image
 
 from ..errors import AssetError
+from ..flame.assets import read_npy_pickle
+from ..nets.farl import CLIP_MEAN, CLIP_STD
 
 __all__ = [
     "IndexEntry",
@@ -78,34 +78,12 @@ __all__ = [
     "farl_preprocess",
 ]
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 # ----------------------------------------------------------------------------------------
-# Image lists (pickled dicts inside .npy): an allow-list unpickler, never arbitrary code
+# Image lists (pickled dicts inside .npy): the FLAME allow-list unpickler, never arbitrary code
 # ----------------------------------------------------------------------------------------
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("collections", "OrderedDict"),
-}
-
-
-class _IndexUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise AssetError(f"image list refers to {module}.{name}, which is not allowed in an index file")
-
-
 def read_image_list(path: str | Path) -> dict:
     """Read a pickled ``{actor: ...}`` dict stored with ``np.save`` through an allow-list.
 
@@ -115,20 +93,7 @@ def read_image_list(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise AssetError(f"image list not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                _, _, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                _, _, dtype = np.lib.format.read_array_header_2_0(f)
-            if dtype != np.dtype(object):
-                raise AssetError(f"image list {path} holds a {dtype} array, expected a pickled dict")
-            obj = _IndexUnpickler(io.BytesIO(f.read())).load()
-    except AssetError:
-        raise
-    except Exception as exc:
-        raise AssetError(f"cannot read image list {path}: {type(exc).__name__}: {exc}") from exc
+    obj = read_npy_pickle(path, "image list")
     if isinstance(obj, np.ndarray) and obj.dtype == object and obj.ndim == 0:
         obj = obj.item()
     if not isinstance(obj, dict):

@@ -41,6 +41,7 @@ __all__ = [
     "load_flame_model",
     "load_landmark_embedding",
     "export_flame_npz",
+    "read_npy_pickle",
     "FLAME_KEYS",
     "README_DATA_SECTION",
 ]
@@ -316,6 +317,32 @@ def load_flame_model(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def read_npy_pickle(path: str | os.PathLike, what: str) -> Any:
+    """The object inside an object-dtype ``.npy`` (as ``np.save`` writes a dict), read safely.
+
+    The payload after the ``.npy`` header goes through :class:`SafeUnpickler` instead of
+    ``np.load(allow_pickle=True)``, so the file can hold data but never run code.
+
+    Raises:
+        AssetError: unreadable file or not an object array.
+        UnsafePickleError: the pickle names a global outside the allow-list.
+    """
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                _, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                _, _, dtype = np.lib.format.read_array_header_2_0(f)
+            if not dtype.hasobject:
+                raise AssetError(f"{what} {path}: expected a pickled dict inside the .npy, found a {dtype} array")
+            return SafeUnpickler(f).load()
+    except (AssetError, UnsafePickleError):
+        raise
+    except Exception as exc:
+        raise AssetError(f"cannot read {what} {path}: {_first_line(exc)}") from exc
+
+
 _LANDMARK_KEYS = (
     "static_lmk_faces_idx",
     "static_lmk_bary_coords",
@@ -337,21 +364,7 @@ def load_landmark_embedding(path: str | os.PathLike) -> dict[str, np.ndarray]:
         dict of numpy arrays with the six ``*_lmk_*`` keys (see the module docstring).
     """
     path = _require_file(path, "landmark embedding")
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-            if dtype.hasobject:
-                obj = SafeUnpickler(f).load()
-            else:
-                raise AssetError(f"{path}: expected a pickled dict inside the .npy, found a {dtype} array")
-    except (AssetError, UnsafePickleError):
-        raise
-    except Exception as exc:
-        raise AssetError(f"cannot read landmark embedding {path}: {_first_line(exc)}") from exc
+    obj = read_npy_pickle(path, "landmark embedding")
     if isinstance(obj, np.ndarray) and obj.dtype == object:
         obj = obj.reshape(-1)[0] if obj.size == 1 else obj
     if not isinstance(obj, dict):
