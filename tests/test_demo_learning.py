@@ -1,0 +1,113 @@
+"""The demo's learning checks (``ofer.eval.world``) on a tiny synthetic world.
+
+The report's checks must be able to fail: samples built from the ground truth with known
+quality pass or fail them as constructed, an uninformed ranker / the mean-shape baseline
+do not pass the ranked-vs-mean check, and the error and diversity comparisons follow the
+constructed data. The end-to-end run (tiny world -> real training scripts -> sample.py ->
+report) is marked slow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ofer.data.world import SceneConfig, WorldConfig, build_world
+from ofer.eval.world import spearman, world_report
+
+N_SHAPE, N_EXP, N, M = 20, 50, 16, 8
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("w") / "world"
+    build_world(out, WorldConfig(identities=2, images_per_identity=1, expression_frames=0, test_identities=12,
+                                 vertices=1200, seed=5, scene=SceneConfig(size=96)))
+    return out
+
+
+def _gt(world: Path) -> dict[str, dict]:
+    return {p.stem: dict(np.load(p)) for p in sorted((world / "test" / "gt").glob("*.npz"))}
+
+
+def _write(samples: Path, name: str, shapes: np.ndarray, ranked: int, exp: np.ndarray | None = None) -> None:
+    d = samples / name
+    d.mkdir(parents=True, exist_ok=True)
+    exp = np.zeros((M, N_EXP), np.float32) if exp is None else exp
+    np.savez(d / "samples.npz", shape_coeffs=shapes.astype(np.float32), exp_coeffs=exp.astype(np.float32),
+             jaw_pose=np.zeros((M, 3), np.float32), ranked_index=np.int64(ranked))
+
+
+def _hypotheses(gt_shape: np.ndarray, rng: np.random.Generator, spread: float = 1.0) -> np.ndarray:
+    """N hypotheses: the truth plus noise of increasing size (index 0 is the closest)."""
+    scales = np.linspace(0.1, 2.0, N) * spread
+    return gt_shape[None, :N_SHAPE] + scales[:, None] * rng.standard_normal((N, N_SHAPE))
+
+
+def test_good_ranker_passes_identity_checks(world, tmp_path):
+    rng = np.random.default_rng(0)
+    for name, gt in _gt(world).items():
+        _write(tmp_path, name, _hypotheses(gt["shape_coeffs"], rng, 0.3), ranked=0)
+    s = world_report(tmp_path, world)["summary"]
+    assert s["images"] == 12
+    assert s["ranked_error_mm"] < 0.5 * s["mean_sample_error_mm"]
+    assert s["checks"]["ranked_below_mean_sample"] and s["checks"]["ranked_below_mean_shape"]
+    assert s["best_sample_error_mm"] <= s["ranked_error_mm"] + 1e-9
+    assert s["ranked_beats_mean_sample_fraction"] == 1.0
+
+
+def test_uninformed_ranker_and_baseline_do_not_pass_by_construction(world, tmp_path):
+    rng = np.random.default_rng(1)
+    # an untrained ranker: picks the worst hypothesis (the check must fail) ...
+    worst, rand = tmp_path / "worst", tmp_path / "rand"
+    for name, gt in _gt(world).items():
+        h = _hypotheses(gt["shape_coeffs"], rng)
+        _write(worst, name, h, ranked=N - 1)
+        # ... or prior samples unrelated to the truth, ranked at random
+        _write(rand, name, rng.standard_normal((N, N_SHAPE)), ranked=int(rng.integers(N)))
+    s = world_report(worst, world)["summary"]
+    assert not s["checks"]["ranked_below_mean_sample"]
+    s = world_report(rand, world)["summary"]
+    # unrelated prior samples are worse than the mean shape, whatever is picked
+    assert not s["checks"]["ranked_below_mean_shape"]
+    assert s["mean_sample_error_mm"] > s["mean_shape_error_mm"]
+    # the mean shape itself as every hypothesis: ranked == mean == baseline, no strict win
+    zero = tmp_path / "zero"
+    for name in _gt(world):
+        _write(zero, name, np.zeros((N, N_SHAPE)), ranked=3)
+    s = world_report(zero, world)["summary"]
+    assert s["ranked_error_mm"] == pytest.approx(s["mean_shape_error_mm"])
+    assert not s["checks"]["ranked_below_mean_sample"]
+
+
+def test_occlusion_and_diversity_checks_follow_the_data(world, tmp_path):
+    rng = np.random.default_rng(2)
+    gts = _gt(world)
+    occ = {k: float(g["occluded_fraction"]) for k, g in gts.items()}
+    mouth = {k: bool(g["mouth_occluded"]) for k, g in gts.items()}
+    for sign, folder in ((1, tmp_path / "grows"), (-1, tmp_path / "shrinks")):
+        for name, gt in gts.items():
+            # error of the ranked hypothesis proportional to (or falling with) the occluded share
+            level = occ[name] if sign > 0 else 1.0 - occ[name]
+            shapes = gt["shape_coeffs"][None, :N_SHAPE] + np.zeros((N, N_SHAPE))
+            shapes[0] += 3.0 * level * np.ones(N_SHAPE) / np.sqrt(N_SHAPE)
+            amp = (2.0 if mouth[name] else 0.5) if sign > 0 else (0.5 if mouth[name] else 2.0)
+            exp = amp * rng.standard_normal((M, N_EXP))
+            _write(folder, name, shapes, ranked=0, exp=exp)
+        s = world_report(folder, world)["summary"]
+        assert s["checks"]["error_grows_with_occlusion"] is (sign > 0)
+        assert (s["spearman_occlusion_vs_ranked_error"] > 0.9) is (sign > 0)
+        if 0 < s["images_mouth_occluded"] < s["images"]:
+            assert s["checks"]["more_expression_diversity_when_mouth_occluded"] is (sign > 0)
+
+
+def test_spearman_against_naive():
+    x = np.array([0.1, 0.5, 0.3, 0.9, 0.7])
+    assert spearman(x, 2 * x + 1) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    y = np.array([1.0, 3.0, 2.0, 4.0, 5.0])
+    # naive: Pearson of ranks, no ties
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    assert spearman(x, y) == pytest.approx(np.corrcoef(rx, ry)[0, 1])
