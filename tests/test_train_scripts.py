@@ -184,7 +184,7 @@ def test_trainidrank_main(world, idgen_run, tmp_path):
     assert scores.shape == (1, 5) and torch.isfinite(scores).all()
 
 
-def test_checkpoint_round_trip_gives_identical_samples(world, tmp_path):
+def test_checkpoint_round_trip_gives_identical_samples(world, idgen_run, tmp_path):
     cfg = _idgen_cfg(world, tmp_path, ["train.val_every=0", "train.sample_every=0", "train.max_steps=1",
                                        "ema.enabled=false", "data.occlusion.prob=0.0"])
     torch.manual_seed(0)
@@ -198,13 +198,12 @@ def test_checkpoint_round_trip_gives_identical_samples(world, tmp_path):
         ref = model.head.sample(model.condition(x), 4, method="ddim", steps=5, seed=7)
         out = loaded.head.sample(loaded.condition(x), 4, method="ddim", steps=5, seed=7)
     assert torch.equal(ref, out) and ref.shape == (2, 4, 20)
-    # EMA weights are what load_trained_model returns by default
-    ema_cfg = _idgen_cfg(world, tmp_path / "ema", ["train.val_every=0", "train.sample_every=0",
-                                                   "train.max_steps=2", "ema.decay=0.5"])
-    run_training(ema_cfg, IdGenTask(ema_cfg, build.build_model("idgen", ema_cfg)), train)
-    ck = read_checkpoint(tmp_path / "ema" / "checkpoints" / "latest.pt")
-    with_ema, _ = build.load_trained_model(tmp_path / "ema" / "checkpoints" / "latest.pt", "idgen")
-    raw, _ = build.load_trained_model(tmp_path / "ema" / "checkpoints" / "latest.pt", "idgen", use_ema=False)
+    # EMA weights are what load_trained_model returns by default (the shared 4-step run, EMA
+    # decay 0.95 of the demo config)
+    latest = idgen_run[0] / "checkpoints" / "latest.pt"
+    ck = read_checkpoint(latest)
+    with_ema, _ = build.load_trained_model(latest, "idgen")
+    raw, _ = build.load_trained_model(latest, "idgen", use_ema=False)
     w = "head.net.downs.0.0.net.0.weight" if "head.net.downs.0.0.net.0.weight" in ck["model"] else \
         next(k for k in ck["model"] if k.startswith("head.net.") and k.endswith("weight"))
     assert torch.equal(with_ema.state_dict()[w], ck["ema"][w])
@@ -225,7 +224,7 @@ def test_real_idgen_overfits_one_batch(world, tmp_path):
     """The real IdGen + ArcFace, trained on one batch of 4 actors: the epsilon loss on a fixed
     set of (t, eps) draws for those actors goes down."""
     cfg = _idgen_cfg(world, tmp_path, ["train.val_every=0", "train.sample_every=0", "train.ckpt_every=0",
-                                       "train.max_steps=40", "data.actors_per_batch=4",
+                                       "train.max_steps=25", "data.actors_per_batch=4",
                                        "data.images_per_actor=2", "data.occlusion.prob=0.0",
                                        "diffusion.num_steps=1000",
                                        "diffusion.lr=1e-2", "ema.enabled=false"])
@@ -245,7 +244,7 @@ def test_real_idgen_overfits_one_batch(world, tmp_path):
     before = fixed_loss()
     res = run_training(cfg, IdGenTask(cfg, model), train)
     after = fixed_loss()
-    assert len(res.losses) == 40 and after < 0.9 * before, (before, after)
+    assert len(res.losses) == 25 and after < 0.9 * before, (before, after)  # about 0.6 x
 
 
 @pytest.mark.parametrize("kind,script", [("idgen", trainIdGen), ("expgen", trainExpGen),
