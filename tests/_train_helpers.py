@@ -173,7 +173,7 @@ def toy_config(run_dir, **over) -> IdGenTrainConfig:
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=False)
+@pytest.fixture(scope="module")
 def one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)

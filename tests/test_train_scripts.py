@@ -14,7 +14,7 @@ import trainExpGen
 import trainIdGen
 import trainIdRank
 from ofer.config import ExpGenTrainConfig, IdGenTrainConfig, IdRankTrainConfig, config_to_dict, load_config
-from ofer.errors import AssetError, CheckpointError, ConfigError
+from ofer.errors import CheckpointError, ConfigError
 from ofer.models import ExpGen, IdGen, IdRank
 from ofer.train import build
 from ofer.train.checkpoint import read_checkpoint, save_checkpoint
@@ -213,8 +213,6 @@ def test_checkpoint_round_trip_gives_identical_samples(world, idgen_run, tmp_pat
 
 def test_load_trained_model_wrong_kind(idgen_run):
     run, _ = idgen_run
-    from ofer.errors import CheckpointError
-
     with pytest.raises(CheckpointError, match="is a 'idgen' checkpoint, expected 'idrank'"):
         build.load_trained_model(run / "checkpoints" / "latest.pt", "idrank")
 
@@ -436,7 +434,7 @@ def test_released_idrank_tar_as_validation_ranker(world, tmp_path, capsys):
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert f"val.idrank_checkpoint: {tar} (official IdRank)" in cap.out
-    assert f"validation ranker: " in cap.out and f"{len(face)} vertices" in cap.out
+    assert "validation ranker: " in cap.out and f"{len(face)} vertices" in cap.out
     cfg = _idgen_cfg(world, tmp_path / "run", [f"val.idrank_checkpoint={tar}",
                                                f"val.idrank_vertex_indices={tmp_path / 'frontindices.npy'}"])
     ranker = build.load_val_ranker(cfg)

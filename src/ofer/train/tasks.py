@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .loop import TrainTask, flatten_views
 
 __all__ = [
@@ -198,8 +199,6 @@ class IdGenTask(_GenTask):
         farl_x = None
         if r.farl is not None:
             if "farl" not in b:
-                from ..errors import ConfigError
-
                 raise ConfigError("config key 'val.idrank_checkpoint': the validation batches hold no "
                                   "FaRL crops ('farl'); build the held-out set with "
                                   "build_datasets(..., val_farl_size=ranker.farl.image_size)")
