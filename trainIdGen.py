@@ -26,14 +26,18 @@ def main(cfg: IdGenTrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     dist = init_distributed(cfg.train.device)
     try:
-        # Data first: a broken index fails before any weights are loaded.
-        train_set, val_set = build.build_datasets(cfg, "identity", load_farl=False,
-                                                  report_dir=Path(cfg.run_dir))
+        # Optional IdRank for the ranked-identity validation error (val.idrank_checkpoint);
+        # its FaRL input size decides the held-out set's FaRL crops.
+        ranker = build.load_val_ranker(cfg)
+        farl = getattr(ranker, "farl", None)
+        train_set, val_set = build.build_datasets(
+            cfg, "identity", load_farl=False, report_dir=Path(cfg.run_dir),
+            val_farl_size=farl.image_size if farl is not None else None)
         model = build.build_model("idgen", cfg)
         # FLAME is only needed for validation errors and sample meshes.
         need_flame = val_set is not None or cfg.train.sample_every > 0
         vertices, faces = build.build_flame(cfg) if need_flame else (None, None)
-        task = IdGenTask(cfg, model, vertices, faces)
+        task = IdGenTask(cfg, model, vertices, faces, ranker=ranker)
         return run_training(cfg, task, train_set, val_set, dist)
     finally:
         cleanup()

@@ -164,3 +164,18 @@ def toy_config(run_dir, **over) -> IdGenTrainConfig:
              "train.tensorboard": False, "train.device": "cpu", "ema.decay": 0.9}
     items.update(over)
     return load_config(IdGenTrainConfig, None, [f"{k}={v}" for k, v in items.items()])
+
+
+# ----------------------------------------------------------------------------------------
+# One intra-op thread for the training tests: these models are tiny, and on a shared 2-core
+# machine two spinning OpenMP threads make a step up to 10x slower than one.
+# ----------------------------------------------------------------------------------------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -143,6 +143,8 @@ def test_shipped_configs_load_and_match_paper(name, schema):
         assert cfg.denoiser.dims == [300, 50, 10] and cfg.arcface.freeze == "l4"
     if name == "expgen":
         assert cfg.denoiser.dims[0] == 53 and cfg.n_exp == 50
+        # the released pipeline's sampled-jaw factor, in the file and as the schema default
+        assert cfg.jaw_scale == 0.5 and ExpGenTrainConfig().jaw_scale == 0.5
         assert cfg.diffusion.lr == 1e-3 and cfg.farl.lr == 1e-4
     if name == "idrank":
         assert cfg.num_samples == 100 and cfg.ranker.lr == 1e-6

@@ -7,13 +7,16 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from ofer.train.checkpoint import read_checkpoint
 from ofer.train.loop import run_training
 
-from _train_helpers import ToyData, ToyTask, toy_config
+from _train_helpers import ToyData, ToyTask, one_thread, toy_config  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 6
 OVERRIDES = {"train.max_steps": STEPS, "train.ckpt_every": 3, "data.actors_per_batch": 4}
@@ -44,7 +47,10 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     single = run_training(toy_config(tmp_path / "one", **OVERRIDES), ToyTask(noise=False, bn=False),
                           ToyData())
     run = tmp_path / "two"
-    mp.spawn(_worker, args=(2, _free_port(), str(run)), nprocs=2, join=True)
+    # fork (where available) spares each worker a fresh interpreter and torch import (seconds);
+    # the workers use one intra-op thread, as this process does here
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_worker, args=(2, _free_port(), str(run)), nprocs=2, join=True, start_method=method)
     l0 = json.loads((run / "losses0.json").read_text())
     l1 = json.loads((run / "losses1.json").read_text())
     assert l0 == l1  # every rank logs the all-reduced global loss

@@ -17,7 +17,9 @@ from ofer.train.checkpoint import read_checkpoint
 from ofer.train.ema import EMA
 from ofer.train.loop import TrainingDiverged, lr_factor, run_training
 
-from _train_helpers import ToyData, ToyTask, toy_config
+from _train_helpers import ToyData, ToyTask, one_thread, toy_config  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HERE = Path(__file__).resolve().parent
 
@@ -124,6 +126,7 @@ sys.path[:0] = [{src!r}, {tests!r}]
 import torch
 from ofer.train.loop import run_training
 from _train_helpers import ToyData, ToyTask, toy_config
+torch.set_num_threads(1)  # as the test process
 torch.manual_seed(0)
 cfg = toy_config({run!r}, **{{"train.max_steps": 100000, "train.ckpt_every": 1}})
 run_training(cfg, ToyTask(), ToyData(), on_step=lambda s, l: time.sleep(0.01))

@@ -51,6 +51,7 @@ __all__ = [
     "EMAConfig",
     "LoopConfig",
     "ValConfig",
+    "IdGenValConfig",
     "IdGenTrainConfig",
     "ExpGenTrainConfig",
     "IdRankTrainConfig",
@@ -518,6 +519,28 @@ class ValConfig:
         _check(self.max_items >= 1, p + "max_items", f"must be >= 1, got {self.max_items}")
 
 
+@dataclass
+class IdGenValConfig(ValConfig):
+    """IdGen validation; with ``idrank_checkpoint`` also the error of the *ranked* identity.
+
+    ``idrank_checkpoint``: an IdRank checkpoint (ours, from ``trainIdRank.py``, or the released
+    ``model_idrank.tar``), relative to ``data_root`` or absolute. It is loaded once and scores
+    the ``num_samples`` samples of every validation image; ``val/ranked_mm`` is the error of
+    the top-scored one and becomes the metric that selects ``best.pt``.
+    ``idrank_vertex_indices``: the front-face vertex list (``frontindices.npy``) the released
+    IdRank needs (ours stores its vertices); relative to ``data_root`` or absolute.
+    """
+
+    idrank_checkpoint: Optional[str] = None
+    idrank_vertex_indices: Optional[str] = None
+
+    def validate(self, p: str) -> None:
+        super().validate(p)
+        for name in ("idrank_checkpoint", "idrank_vertex_indices"):
+            v = getattr(self, name)
+            _check(v is None or bool(v.strip()), p + name, "must be a file path or null, got ''")
+
+
 def _common_validate(cfg: Any) -> None:
     _check(bool(cfg.run_dir), "run_dir", "must not be empty")
 
@@ -539,10 +562,12 @@ class IdGenTrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
-    val: ValConfig = field(default_factory=ValConfig)
+    val: IdGenValConfig = field(default_factory=IdGenValConfig)
 
     def validate(self, p: str) -> None:
         _common_validate(self)
+        _check(self.val.idrank_checkpoint is None or len(self.data.val) >= 1, "val.idrank_checkpoint",
+               "needs held-out datasets in 'data.val' (the ranked error is measured on them)")
         _check(1 <= self.n_shape <= self.flame.n_shape, "n_shape",
                f"must be in [1, flame.n_shape={self.flame.n_shape}], got {self.n_shape}")
         _check(self.denoiser.dims[0] == self.n_shape, "denoiser.dims",
@@ -560,7 +585,7 @@ class ExpGenTrainConfig:
     n_exp: int = 50
     #: factor applied to *sampled* jaw poses at inference (stored in the model config;
     #: 0.5 in the released pipeline). Training targets are always the raw jaw axis-angle.
-    jaw_scale: float = 1.0
+    jaw_scale: float = 0.5
     flame: FlameConfig = field(default_factory=FlameConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(train=["TEMPEH"]))
     arcface: ArcFaceConfig = field(default_factory=ArcFaceConfig)

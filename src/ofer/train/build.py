@@ -35,6 +35,7 @@ __all__ = [
     "build_datasets",
     "build_flame",
     "load_trained_model",
+    "load_val_ranker",
     "check_assets",
     "SCHEMAS",
 ]
@@ -194,6 +195,58 @@ def load_trained_model(path: str | Path, kind: str, use_ema: bool = True,
     return model, cfg
 
 
+def _ranker_checkpoint(cfg: Any) -> tuple[Optional[Path], Optional[str], int]:
+    """(path, "ours" | "official", step) of ``val.idrank_checkpoint``; (None, None, 0) if unset.
+
+    Raises AssetError (missing file) or a one-line CheckpointError naming the key when the
+    file is not an IdRank checkpoint (ours or the released ``.tar``)."""
+    rel = getattr(getattr(cfg, "val", None), "idrank_checkpoint", None)
+    if rel is None:
+        return None, None, 0
+    key = "val.idrank_checkpoint"
+    path = _asset(cfg, key, rel)
+    try:
+        ck = read_checkpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"config key '{key}': {exc}") from exc
+    if "model" in ck or "kind" in ck:
+        found, origin = ck.get("kind"), "ours"
+    else:
+        from ..compat import _detect_kind
+
+        found, origin = _detect_kind(ck), "official"
+    if found != "idrank":
+        raise CheckpointError(f"config key '{key}': {path} is a {found!r} checkpoint, expected 'idrank'")
+    if origin == "official" and cfg.val.idrank_vertex_indices is None:
+        raise AssetError(f"config key 'val.idrank_vertex_indices': the released IdRank checkpoint {path} "
+                         "needs its front-face vertex list (frontindices.npy); set this key")
+    return path, origin, int(ck.get("step", 0) or 0)
+
+
+def load_val_ranker(cfg: Any) -> Optional[ConditionedModel]:
+    """The frozen IdRank of ``val.idrank_checkpoint`` (IdGen validation), or None when unset.
+
+    Accepts our IdRank checkpoints (EMA weights when present; the feature vertices come from
+    the checkpoint) and the released ``model_idrank.tar`` (with ``val.idrank_vertex_indices``).
+    Returns a :class:`ConditionedModel` in eval mode with ``requires_grad`` off.
+
+    Raises:
+        AssetError: a missing file. CheckpointError: not an IdRank checkpoint, or weights
+            that do not load (one line, naming the config key).
+    """
+    path, _, _ = _ranker_checkpoint(cfg)
+    if path is None:
+        return None
+    from ..pipeline import load_model
+
+    vidx = _asset(cfg, "val.idrank_vertex_indices", cfg.val.idrank_vertex_indices)
+    try:
+        model = load_model(path, "idrank", vertex_indices=vidx)
+    except CheckpointError as exc:
+        raise CheckpointError(f"config key 'val.idrank_checkpoint': {exc}") from exc
+    return model.requires_grad_(False).eval()
+
+
 def build_flame(cfg: Any):
     """(vertices_fn, faces) from ``flame.*``; vertices_fn(shape_coeffs=, exp_coeffs=, jaw_pose=) -> (B,V,3) m."""
     from ..flame import FLAME
@@ -215,8 +268,12 @@ def build_flame(cfg: Any):
     return vertices, faces
 
 
-def build_datasets(cfg: Any, mode: str, load_farl: bool, check: bool = True, report_dir: Optional[Path] = None):
-    """(train_set, val_set or None) as :class:`~ofer.data.datasets.FaceDataset`s, index checked."""
+def build_datasets(cfg: Any, mode: str, load_farl: bool, check: bool = True, report_dir: Optional[Path] = None,
+                   val_farl_size: Optional[int] = None):
+    """(train_set, val_set or None) as :class:`~ofer.data.datasets.FaceDataset`s, index checked.
+
+    ``val_farl_size``: give the held-out set FaRL crops of this side even when ``load_farl``
+    is False (IdGen validation with an IdRank, whose condition includes FaRL)."""
     from ..data.datasets import FaceDataset, check_index, load_index
 
     root = resolve_path(cfg.data_root, cfg.data.root)
@@ -224,16 +281,19 @@ def build_datasets(cfg: Any, mode: str, load_farl: bool, check: bool = True, rep
     n_exp = getattr(cfg, "n_exp", 50)
     farl_size = cfg.farl.image_size if load_farl else 224
     out = []
-    for names, occl in ((d.train, d.occlusion.prob), (d.val, 0.0)):
+    for names, occl, is_val in ((d.train, d.occlusion.prob, False), (d.val, 0.0, True)):
         if not names:
             out.append(None)
             continue
+        farl, size = load_farl, farl_size
+        if is_val and val_farl_size is not None:
+            farl, size = True, int(val_farl_size)
         entries = load_index(root, names, d.layout)
         if check:
-            check_index(entries, need_images=load_farl or occl > 0,
+            check_index(entries, need_images=farl or occl > 0,
                         report_path=(report_dir / "missing_files.txt") if report_dir else None, mode=mode)
         out.append(FaceDataset(entries, d.images_per_actor, mode=mode, n_shape=cfg.flame.n_shape,
-                               n_exp=n_exp, load_farl=load_farl, farl_size=farl_size,
+                               n_exp=n_exp, load_farl=farl, farl_size=size,
                                occlusion_prob=occl, occlusion_area=d.occlusion.area))
     return out[0], out[1]
 
@@ -259,8 +319,19 @@ def check_assets(kind: str, cfg: Any) -> list[str]:
         idx = load_rank_vertices(cfg)
         report.append(f"ranker.vertex_indices: {len(idx)} vertices from "
                       f"{resolve_path(cfg.data_root, cfg.ranker.vertex_indices)}")
+    if kind == "idgen":
+        p, origin, step = _ranker_checkpoint(cfg)
+        if p is not None:
+            report.append(f"val.idrank_checkpoint: {p} ({origin} IdRank"
+                          + (f", step {step})" if origin == "ours" else ")"))
+            v = _asset(cfg, "val.idrank_vertex_indices", cfg.val.idrank_vertex_indices)
+            if v is not None:
+                report.append(f"val.idrank_vertex_indices: {v}")
     mode = "expression" if kind == "expgen" else "identity"
-    train, val = build_datasets(cfg, mode, load_farl=kind != "idgen", check=True)
+    ranked_val = kind == "idgen" and getattr(cfg.val, "idrank_checkpoint", None) is not None
+    # (the crop side only matters when items are read; the check needs the images to exist)
+    train, val = build_datasets(cfg, mode, load_farl=kind != "idgen", check=True,
+                                val_farl_size=224 if ranked_val else None)
     report.append(f"data.train: {len(train)} items" + (f", data.val: {len(val)} items" if val else ""))
     return report
 
@@ -277,6 +348,11 @@ def dry_run(kind: str, cfg: Any) -> list[str]:
         idgen, _ = load_trained_model(resolve_path(cfg.data_root, cfg.idgen_checkpoint), "idgen",
                                       cfg.idgen_use_ema)
         report.append(f"idgen model: {sum(p.numel() for p in idgen.parameters())} parameters")
+    if kind == "idgen":
+        ranker = load_val_ranker(cfg)
+        if ranker is not None:
+            report.append(f"validation ranker: {sum(p.numel() for p in ranker.parameters())} parameters, "
+                          f"{ranker.head.num_vertices} vertices (val/ranked_mm selects best.pt)")
     model = build_model(kind, cfg, load_weights=True)
     n = sum(p.numel() for p in model.parameters())
     t = sum(p.numel() for p in model.parameters() if p.requires_grad)

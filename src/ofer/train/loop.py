@@ -16,7 +16,8 @@ uninterrupted run (bit for bit on CPU).
 Checkpoints (``<run_dir>/checkpoints/``, written atomically by rank 0): ``latest.pt`` every
 ``train.ckpt_every`` steps and at the end, ``best.pt`` whenever the validation metric (or,
 without validation, the mean training loss since the previous checkpoint) improves. Contents:
-``{"model", "ema", "optimizer", "step", "config", "kind", "version", "rng", "best_metric"}``.
+``{"model", "ema", "optimizer", "step", "config", "kind", "version", "rng", "best_metric",
+"best_metric_name"}`` (on resume, a ``best_metric`` of another metric is discarded).
 """
 
 from __future__ import annotations
@@ -219,6 +220,8 @@ def run_training(
 
     # ---- resume -------------------------------------------------------------------------
     step, best = 0, math.inf
+    # what selects best.pt: the task's validation metric, else the mean training loss
+    best_name = task.metric_name if (val_set is not None and cfg.train.val_every) else "train/loss"
     ckpt_path = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt_path is not None:
         ck = read_checkpoint(ckpt_path, map_location="cpu")
@@ -231,6 +234,12 @@ def run_training(
             ema.load_state_dict(ck["ema"])
         step = int(ck["step"])
         best = float(ck.get("best_metric", math.inf))
+        if ck.get("best_metric_name", best_name) != best_name:
+            # e.g. IdGen validation gained or lost its ranker: the old best is not comparable
+            if dist.is_main:
+                log.info("best.pt was selected by %s, this run selects by %s: the best metric "
+                         "starts afresh", ck["best_metric_name"], best_name)
+            best = math.inf
         rng = ck.get("rng") or {}
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -292,6 +301,7 @@ def run_training(
             "kind": task.kind,
             "rng": {"torch": torch.get_rng_state()},
             "best_metric": best if math.isfinite(best) else float("inf"),
+            "best_metric_name": best_name,
         }
         save_checkpoint(ckpt_dir / path_name, payload)
 

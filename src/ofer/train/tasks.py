@@ -16,6 +16,7 @@ gt_vertices)``, ``vertex_indices``).
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .loop import TrainTask, flatten_views
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "vertex_error_mm",
     "write_ply",
 ]
+
+log = logging.getLogger("ofer.train")
 
 VertexFn = Callable[..., torch.Tensor]  # (shape_coeffs, exp_coeffs=None, jaw_pose=None) -> (B,V,3) m
 
@@ -143,11 +147,31 @@ class _GenTask(TrainTask):
 class IdGenTask(_GenTask):
     """x0 = the first ``n_shape`` shape coefficients; cond = normalize(ArcFace).
 
-    Validation (mean per-vertex Euclidean error, mm): ``mean_sample_mm`` (mean of the N
-    samples; the selection metric), ``sample_mm`` (average sample), ``best_of_n_mm`` (best of
-    the N), ``mean_shape_mm`` (the FLAME mean shape: the baseline to beat)."""
+    Validation (mean per-vertex Euclidean error over all FLAME vertices, mm):
+    ``mean_sample_mm`` (mean of the N samples), ``sample_mm`` (average sample),
+    ``best_of_n_mm`` (best of the N, an oracle), ``mean_shape_mm`` (the FLAME mean shape: the
+    baseline to beat) and, with a ``ranker``, ``ranked_mm``: the error of the sample the
+    IdRank scores highest, i.e. the identity the pipeline would output.
+
+    The metric that selects ``best.pt`` is ``val/ranked_mm`` with a ranker, else
+    ``val/mean_sample_mm``.
+
+    Args:
+        cfg: ``IdGenTrainConfig``.
+        model: ConditionedModel(IdGen, ArcFace).
+        vertices, faces: FLAME vertices function (metres) and faces (validation, meshes).
+        ranker: optional IdRank ConditionedModel (``ofer.train.build.load_val_ranker``), frozen;
+            the validation batches must then hold FaRL crops (``farl``) when it has a FaRL.
+    """
 
     kind = "idgen"
+
+    def __init__(self, cfg: Any, model: ConditionedModel, vertices: Optional[VertexFn] = None,
+                 faces: Optional[np.ndarray] = None, ranker: Optional[ConditionedModel] = None) -> None:
+        super().__init__(cfg, model, vertices, faces)
+        self.ranker = ranker.requires_grad_(False).eval() if ranker is not None else None
+        self.metric_name = "val/ranked_mm" if ranker is not None else "val/mean_sample_mm"
+        self._told_no_ranker = False
 
     def target(self, b):
         return b["shape_coeffs"][:, : self.cfg.n_shape]
@@ -158,11 +182,41 @@ class IdGenTask(_GenTask):
             shape = torch.nn.functional.pad(shape, (0, pad))
         return self.vertices(shape_coeffs=shape)
 
+    def rank_scores(self, b: dict[str, torch.Tensor], verts: torch.Tensor) -> torch.Tensor:
+        """Ranker scores of N sample meshes; higher = better (``IdRank.select`` is argmax).
+
+        Args:
+            b: validation batch (views flattened): ``arcface`` (B,3,112,112) and, for a ranker
+                with FaRL, ``farl`` (B,3,S,S) float32.
+            verts: (B,N,V,3) float32 sample vertices in metres.
+
+        Returns:
+            (B,N) float32 scores.
+        """
+        r = self.ranker
+        if r is None:
+            raise RuntimeError("IdGenTask.rank_scores needs a ranker")
+        farl_x = None
+        if r.farl is not None:
+            if "farl" not in b:
+                raise ConfigError("config key 'val.idrank_checkpoint': the validation batches hold no "
+                                  "FaRL crops ('farl'); build the held-out set with "
+                                  "build_datasets(..., val_farl_size=ranker.farl.image_size)")
+            farl_x = b["farl"].float()
+        r.to(verts.device).eval()
+        with torch.no_grad(), torch.autocast(device_type=verts.device.type, enabled=False):
+            cond = r.condition(b["arcface"].float(), farl_x)
+            return r.head(r.head.features(verts.float()), cond).float()
+
     def validate(self, model, dataset, generator):
         if self.vertices is None:
             return {}
+        if self.ranker is None and not self._told_no_ranker:
+            self._told_no_ranker = True
+            log.info("IdGen validation: the ranked-identity error (val/ranked_mm) needs an IdRank "
+                     "checkpoint in 'val.idrank_checkpoint'; reporting the sample errors only")
         errs = {"val/mean_sample_mm": [], "val/sample_mm": [], "val/best_of_n_mm": [],
-                "val/mean_shape_mm": []}
+                "val/mean_shape_mm": [], "val/ranked_mm": []}
         dev = _device_of(model)
         for b in _val_batches(dataset, self.cfg.val.max_items):
             b = {k: v.to(dev) for k, v in b.items()}
@@ -171,12 +225,15 @@ class IdGenTask(_GenTask):
             gt = self._verts(self.target(b).float())
             vs = self._verts(s.reshape(B * n, D)).view(B, n, -1, 3)
             vm = self._verts(s.mean(1))
-            e = vertex_error_mm(vs, gt[:, None])
+            e = vertex_error_mm(vs, gt[:, None])  # (B,n)
             # baseline: the FLAME mean shape (all coefficients zero)
             errs["val/mean_shape_mm"].append(vertex_error_mm(self._verts(torch.zeros_like(s[:, 0])), gt))
             errs["val/mean_sample_mm"].append(vertex_error_mm(vm, gt))
             errs["val/sample_mm"].append(e.mean(1))
             errs["val/best_of_n_mm"].append(e.min(1).values)
+            if self.ranker is not None:
+                pick = self.rank_scores(b, vs).argmax(1)  # (B,) the top-scored sample
+                errs["val/ranked_mm"].append(e.gather(1, pick[:, None])[:, 0])
         return {k: float(torch.cat(v).mean()) for k, v in errs.items() if v}
 
     def write_samples(self, model, dataset, out_dir, generator):
