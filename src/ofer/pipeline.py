@@ -467,13 +467,19 @@ def _write_preview(path: Path, res: ImageResult, faces: np.ndarray, crop: np.nda
     size = 192
     cells = [np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR))]
     labels = ["input"]
-    cells.append(render_mesh_preview(res.identity_vertices.double().numpy(), faces, size=size, supersample=1))
-    labels.append(f"ranked #{res.ranked_index}")
-    cells.append(render_mesh_preview(res.worst_vertices.double().numpy(), faces, size=size, supersample=1))
-    labels.append("lowest score")
+    meshes = [res.identity_vertices, res.worst_vertices]
+    labels += [f"ranked #{res.ranked_index}", "lowest score"]
     for k in range(min(8, res.expression_vertices.shape[0])):
-        cells.append(render_mesh_preview(res.expression_vertices[k].double().numpy(), faces, size=size, supersample=1))
+        meshes.append(res.expression_vertices[k])
         labels.append(f"expression {k}")
+    # float32 and one thread: the rasteriser works on many small tensors, where a second
+    # thread costs more than it brings (and competes with the sampling for the cores)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cells += [render_mesh_preview(m.float().numpy(), faces, size=size, supersample=1) for m in meshes]
+    finally:
+        torch.set_num_threads(threads)
     grid = image_grid(cells, ncols=min(len(cells), 6) if len(cells) > 3 else 3, labels=labels)
     buf = io.BytesIO()
     Image.fromarray(grid).save(buf, format="PNG")

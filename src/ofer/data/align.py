@@ -183,25 +183,21 @@ def warp_affine(image: np.ndarray, m: np.ndarray, size: int | tuple[int, int],
     ys, xs = np.mgrid[0:out_h, 0:out_w].astype(np.float64)
     sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
     sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
-    # Pad by one pixel of border so every neighbour index is valid, then clamp far-away samples.
-    pad = np.full((h + 2, w + 2, c), border_value, dtype=np.float32)
-    pad[1:-1, 1:-1] = img
-    sx = np.clip(sx + 1.0, -1.0, w + 1.0)
-    sy = np.clip(sy + 1.0, -1.0, h + 1.0)
+    # Pad by two pixels of border and clamp the sample positions into the padded frame: a
+    # far-away sample then lands on border pixels only, so every tap is a valid flat index.
+    pad = np.full((h + 4, w + 4, c), border_value, dtype=np.float32)
+    pad[2:-2, 2:-2] = img
+    flat = pad.reshape(-1, c)
+    sx = np.clip(sx + 2.0, 0.0, w + 2.0)
+    sy = np.clip(sy + 2.0, 0.0, h + 2.0)
     x0 = np.floor(sx)
     y0 = np.floor(sy)
-    fx = (sx - x0)[..., None].astype(np.float32)
-    fy = (sy - y0)[..., None].astype(np.float32)
-    x0 = x0.astype(np.int64)
-    y0 = y0.astype(np.int64)
-
-    def tap(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-        valid = (xx >= 0) & (xx <= w + 1) & (yy >= 0) & (yy <= h + 1)
-        v = pad[np.clip(yy, 0, h + 1), np.clip(xx, 0, w + 1)]
-        return np.where(valid[..., None], v, np.float32(border_value))
-
-    out = (tap(y0, x0) * (1 - fx) * (1 - fy) + tap(y0, x0 + 1) * fx * (1 - fy)
-           + tap(y0 + 1, x0) * (1 - fx) * fy + tap(y0 + 1, x0 + 1) * fx * fy)
+    fx = (sx - x0).astype(np.float32).reshape(-1, 1)
+    fy = (sy - y0).astype(np.float32).reshape(-1, 1)
+    i00 = (y0.astype(np.int64) * (w + 4) + x0.astype(np.int64)).reshape(-1)
+    top = flat[i00] * (1 - fx) + flat[i00 + 1] * fx
+    bottom = flat[i00 + (w + 4)] * (1 - fx) + flat[i00 + (w + 5)] * fx
+    out = (top * (1 - fy) + bottom * fy).reshape(out_h, out_w, c)
     if np.issubdtype(img.dtype, np.integer):
         info = np.iinfo(img.dtype)
         out = np.clip(np.rint(out), info.min, info.max)

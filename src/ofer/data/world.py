@@ -108,14 +108,15 @@ def _check_range(name: str, r: Sequence[float], lo: float = -math.inf, hi: float
 class HeadPrior:
     """Prior over FLAME coefficients: N(0, sigma) on the first ``*_active`` coefficients, rest zero.
 
-    shape_active / shape_sigma: identity (beta) coefficients drawn, and their std.
+    shape_active / shape_sigma: identity (beta) coefficients drawn, and their std (one number,
+    or one per active coefficient: a world can vary mostly what a camera sees).
     exp_active / exp_sigma: expression (psi) coefficients drawn (at most 50), and their std.
     jaw_open: range of the jaw opening (rotation about x, radians; positive opens the mouth).
     jaw_side: std of the small sideways jaw rotation (about y, radians).
     """
 
     shape_active: int = 20
-    shape_sigma: float = 1.0
+    shape_sigma: float | tuple[float, ...] = 1.0
     exp_active: int = 10
     exp_sigma: float = 1.0
     jaw_open: tuple[float, float] = (0.0, 0.25)
@@ -126,14 +127,23 @@ class HeadPrior:
             raise ConfigError(f"prior.shape_active must be in [0, {N_SHAPE}], got {self.shape_active!r}")
         if not (0 <= int(self.exp_active) <= 50):
             raise ConfigError(f"prior.exp_active must be in [0, 50], got {self.exp_active!r}")
-        if self.shape_sigma < 0 or self.exp_sigma < 0 or self.jaw_side < 0:
+        if isinstance(self.shape_sigma, (int, float)):
+            sig = [float(self.shape_sigma)]
+        else:
+            sig = [float(v) for v in self.shape_sigma]
+            if len(sig) != int(self.shape_active):
+                raise ConfigError(f"prior.shape_sigma must be one number or {self.shape_active} numbers "
+                                  f"(one per active coefficient), got {len(sig)}")
+            object.__setattr__(self, "shape_sigma", tuple(sig))
+        if min(sig, default=0.0) < 0 or self.exp_sigma < 0 or self.jaw_side < 0:
             raise ConfigError("prior: standard deviations must be >= 0")
         object.__setattr__(self, "jaw_open", _check_range("prior.jaw_open", self.jaw_open, -0.5, 1.0))
 
     def sample_identity(self, rng: np.random.Generator) -> np.ndarray:
         """Identity coefficients ``shape_coeffs`` (300,) float32."""
         out = np.zeros(N_SHAPE, np.float32)
-        out[: self.shape_active] = rng.normal(0.0, self.shape_sigma, self.shape_active)
+        sigma = np.asarray(self.shape_sigma, np.float64)
+        out[: self.shape_active] = rng.normal(0.0, sigma, self.shape_active)
         return out
 
     def sample_expression(self, rng: np.random.Generator, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -862,6 +872,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vertices", type=int, default=5023, help="approximate head vertex count (default 5023)")
     p.add_argument("--flame-seed", type=int, default=0, help="seed of the synthetic head model (default 0)")
     p.add_argument("--occlusion-prob", type=float, default=0.5, help="occluder probability of training images")
+    p.add_argument("--shape-sigma", type=_floats, default=None, metavar="S[,S...]",
+                   help="std of the identity coefficients: one value, or one per coefficient (that many are "
+                        "drawn; default 20 coefficients of std 1)")
+    p.add_argument("--pose", type=_floats, default=None, metavar="YAW,PITCH,ROLL",
+                   help="head rotation ranges +- in degrees (default 35,15,12)")
+    p.add_argument("--id-expression-scale", type=float, default=0.5,
+                   help="expression strength of the identity renders (0 = neutral; default 0.5)")
     p.add_argument("--no-crops", action="store_true", help="skip the 224 crops / ArcFace inputs")
     p.add_argument("--workers", type=int, default=0,
                    help="parallel processes (default 0 = one per core, at most 4); the output does not depend on it")
@@ -870,15 +887,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        prior = HeadPrior()
+        if args.shape_sigma is not None:
+            sig = args.shape_sigma
+            prior = HeadPrior(shape_active=len(sig) if len(sig) > 1 else prior.shape_active,
+                              shape_sigma=sig if len(sig) > 1 else sig[0])
+        pose = {}
+        if args.pose is not None:
+            if len(args.pose) != 3:
+                raise ConfigError(f"--pose expects YAW,PITCH,ROLL, got {len(args.pose)} numbers")
+            pose = {k: (-abs(v), abs(v)) for k, v in zip(("yaw", "pitch", "roll"), args.pose)}
         cfg = WorldConfig(
             identities=args.identities, images_per_identity=args.images_per_identity,
             expression_frames=args.expression_frames, images_per_frame=args.images_per_frame,
             test_identities=args.test_identities, test_images_per_identity=args.test_images_per_identity,
             seed=args.seed, vertices=args.vertices, flame_seed=args.flame_seed, crops=not args.no_crops,
-            scene=SceneConfig(size=args.size, occlusion=OcclusionConfig(prob=args.occlusion_prob)),
+            id_expression_scale=args.id_expression_scale, prior=prior,
+            scene=SceneConfig(size=args.size, occlusion=OcclusionConfig(prob=args.occlusion_prob), **pose),
         )
         info = build_world(args.output, cfg, overwrite=args.overwrite, progress=not args.quiet,
                            workers=None if args.workers <= 0 else args.workers)
