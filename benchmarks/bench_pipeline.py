@@ -69,8 +69,10 @@ def main() -> None:
             for bs in map(int, args.batches.split(",")):
                 n_img = max(bs, args.images if preset == "fast" else bs)
                 timer = {s: 0.0 for s in STAGES}
-                # warm-up on one image (allocations, lazily built caches)
-                rec.reconstruct(torch.zeros(1, 3, 112, 112), torch.zeros(1, 3, 224, 224), [0], {s: 0.0 for s in STAGES})
+                # warm-up on one image, written too (allocations, lazily built caches)
+                warm = rec.reconstruct(torch.zeros(1, 3, 112, 112), torch.zeros(1, 3, 224, 224), [0],
+                                       {s: 0.0 for s in STAGES})
+                write_image_outputs(Path(tmp) / "warm-up", warm[0], faces, cfg, crop, {"image_index": 0})
                 t0 = time.perf_counter()
                 done = 0
                 while done < n_img:

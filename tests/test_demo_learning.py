@@ -111,3 +111,27 @@ def test_spearman_against_naive():
     # naive: Pearson of ranks, no ties
     rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
     assert spearman(x, y) == pytest.approx(np.corrcoef(rx, ry)[0, 1])
+
+
+def test_demo_trains_side_by_side_and_reports_failures(tmp_path, monkeypatch):
+    import sys
+
+    import ofer.demo as demo
+
+    def fake_cmd(kind, script, root):
+        code = ("import os, pathlib, sys; p = pathlib.Path(sys.argv[1]); "
+                "p.write_text(os.environ.get('OMP_NUM_THREADS', '-')); sys.exit(3 if 'bad' in p.name else 0)")
+        return [sys.executable, "-c", code, str(root / f"{kind}.ran")]
+
+    monkeypatch.setattr(demo, "_train_cmd", fake_cmd)
+    demo._train([("idgen", "x.py"), ("expgen", "y.py")], tmp_path, threads=1)
+    assert (tmp_path / "idgen.ran").read_text() == "1" and (tmp_path / "expgen.ran").read_text() == "1"
+    assert (tmp_path / ".idgen.done").is_file() and (tmp_path / ".expgen.done").is_file()
+    # finished runs are skipped
+    (tmp_path / "idgen.ran").unlink()
+    demo._train([("idgen", "x.py")], tmp_path)
+    assert not (tmp_path / "idgen.ran").exists()
+    # a failing run stops the demo, names itself and its log, and is not marked done
+    with pytest.raises(SystemExit, match=r"training failed: bad \(exit 3, see .*bad\.log\)"):
+        demo._train([("bad", "z.py"), ("idrank", "w.py")], tmp_path)
+    assert not (tmp_path / ".bad.done").exists() and (tmp_path / ".idrank.done").is_file()

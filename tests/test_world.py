@@ -239,3 +239,38 @@ def test_cli_and_existing_output(tmp_path, capsys):
         build_world(out, WorldConfig(identities=1, images_per_identity=1))
     # no staging folders are left behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]
+
+
+def test_per_coefficient_identity_std():
+    sig = (2.0, 0.0, 0.5)
+    p = HeadPrior(shape_active=3, shape_sigma=sig)
+    rng = np.random.default_rng(1)
+    draws = np.stack([p.sample_identity(rng) for _ in range(4000)])
+    assert not draws[:, 3:].any() and not draws[:, 1].any()
+    np.testing.assert_allclose(draws[:, [0, 2]].std(0), [2.0, 0.5], rtol=0.05)
+    # one number for all coefficients draws the same stream as that number repeated
+    a = HeadPrior(shape_active=3, shape_sigma=1.5).sample_identity(np.random.default_rng(2))
+    b = HeadPrior(shape_active=3, shape_sigma=(1.5, 1.5, 1.5)).sample_identity(np.random.default_rng(2))
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigError, match="one per active coefficient"):
+        HeadPrior(shape_active=4, shape_sigma=(1.0, 1.0))
+    with pytest.raises(ConfigError, match=">= 0"):
+        HeadPrior(shape_active=2, shape_sigma=(1.0, -1.0))
+
+
+def test_cli_prior_and_pose_options(tmp_path, capsys):
+    out = tmp_path / "opts"
+    args = ["--output", str(out), "--identities", "2", "--images-per-identity", "1", "--expression-frames", "0",
+            "--test-identities", "0", "--size", "64", "--vertices", "800", "--no-crops", "--workers", "1", "--quiet",
+            "--shape-sigma", "2,0,1", "--pose", "10,5,0", "--id-expression-scale", "0"]
+    assert main(args) == 0
+    cfg = json.loads((out / "world.json").read_text())["config"]
+    assert cfg["prior"]["shape_active"] == 3 and cfg["prior"]["shape_sigma"] == [2.0, 0.0, 1.0]
+    assert cfg["scene"]["yaw"] == [-10.0, 10.0] and cfg["scene"]["roll"] == [-0.0, 0.0]
+    assert cfg["id_expression_scale"] == 0.0
+    betas = [np.load(p)["betas"] for p in sorted((out / "WORLDID" / "FLAME_parameters").rglob("*.npz"))]
+    assert all(b[1] == 0 and not b[3:].any() and b[0] != 0 for b in betas)
+    assert main(args[:-6] + ["--pose", "10,5", "--overwrite"]) == 2
+    assert "--pose expects YAW,PITCH,ROLL" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args[:-6] + ["--shape-sigma", "a,b"])
