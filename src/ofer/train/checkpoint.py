@@ -5,6 +5,9 @@ weights_only=True)`` reads them. Layout::
 
     {"model": state_dict, "ema": state_dict | None, "optimizer": state_dict | None,
      "step": int, "config": dict, "kind": str, "version": int, ...}
+
+Training checkpoints add the loop state (RNG, ``best_metric`` and the
+``best_metric_name`` that selected ``best.pt``); see :mod:`ofer.train.loop`.
 """
 
 from __future__ import annotations
