@@ -27,6 +27,7 @@ def main(cfg: ExpGenTrainConfig) -> TrainResult:
         # Per-frame expression data: K views of one frame share exp/jaw/shape.
         train_set, val_set = build.build_datasets(cfg, "expression", load_farl=True,
                                                   report_dir=Path(cfg.run_dir))
+        build.fill_target_stats(cfg, "expgen", train_set)  # diffusion.normalize only
         model = build.build_model("expgen", cfg)
         need_flame = val_set is not None or cfg.train.sample_every > 0
         vertices, faces = build.build_flame(cfg) if need_flame else (None, None)

@@ -33,6 +33,7 @@ def main(cfg: IdGenTrainConfig) -> TrainResult:
         train_set, val_set = build.build_datasets(
             cfg, "identity", load_farl=False, report_dir=Path(cfg.run_dir),
             val_farl_size=farl.image_size if farl is not None else None)
+        build.fill_target_stats(cfg, "idgen", train_set)  # diffusion.normalize only
         model = build.build_model("idgen", cfg)
         # FLAME is only needed for validation errors and sample meshes.
         need_flame = val_set is not None or cfg.train.sample_every > 0

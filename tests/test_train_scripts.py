@@ -442,3 +442,71 @@ def test_released_idrank_tar_as_validation_ranker(world, tmp_path, capsys):
     for k, v in net.state_dict().items():
         assert torch.equal(ranker.head.net.state_dict()[k], v), k
     assert not any(p.requires_grad for p in ranker.parameters())
+
+
+def _targets_on_disk(world, name, kind, n):
+    """The training targets read straight from the world's files (independent of ofer.data)."""
+    table = np.load(world / "image_paths" / f"{name}.npy", allow_pickle=True).item()
+    rows = []
+    for _, prel in table.values():
+        z = np.load(world / name.split("_")[0] / "FLAME_parameters" / prel)
+        rows.append(z["betas"][:n] if kind == "idgen"
+                    else np.concatenate([z["betas"][300:300 + n], z["pose"][6:9]]))
+    return np.stack(rows).astype(np.float64)
+
+
+@pytest.mark.parametrize("kind,name,n", [("idgen", "WORLDID_TRAIN", 20), ("expgen", "WORLDEXP_TRAIN", 50)])
+def test_target_stats_match_the_training_files(world, kind, name, n):
+    schema = build.SCHEMAS[kind]
+    cfg = load_config(schema, DEMO / f"{kind}.yaml", [f"data_root={world}", "data.root=."])
+    train, _ = build.build_datasets(cfg, "identity" if kind == "idgen" else "expression", load_farl=False)
+    mean, std = build.target_stats(train, kind, n)
+    x = _targets_on_disk(world, name, kind, n)
+    assert len(mean) == len(std) == x.shape[1] == (n if kind == "idgen" else n + 3)
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(std, x.std(0), rtol=1e-6)
+
+
+def test_expgen_normalize_run_keeps_its_statistics(world, tmp_path, monkeypatch):
+    args = [f"data_root={world}", f"run_dir={tmp_path}", *COMMON, *FARL, *SMALL_DENOISER,
+            "diffusion.normalize=true", "train.max_steps=2"]
+    trainExpGen.main(load_config(ExpGenTrainConfig, DEMO / "expgen.yaml", args))
+    ck = read_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    x = _targets_on_disk(world, "WORLDEXP_TRAIN", "expgen", 50)
+    d = ck["config"]["diffusion"]
+    np.testing.assert_allclose(d["target_std"], x.std(0), rtol=1e-6)
+    model, _ = build.load_trained_model(tmp_path / "checkpoints" / "latest.pt", "expgen")
+    assert model.head.normalize == {"mean": d["target_mean"], "std": d["target_std"]}
+    # a resumed run takes the statistics its weights were trained with from the checkpoint,
+    # even when the training files changed in between
+    def fail(*a, **k):
+        raise AssertionError("statistics recomputed on resume")
+
+    monkeypatch.setattr(build, "target_stats", fail)
+    cfg = load_config(ExpGenTrainConfig, DEMO / "expgen.yaml", [*args, "resume=true", "train.max_steps=4"])
+    res = trainExpGen.main(cfg)
+    assert res.step == 4 and cfg.diffusion.target_std == d["target_std"]
+    # pinned statistics are used as given
+    pinned = load_config(ExpGenTrainConfig, DEMO / "expgen.yaml",
+                         [*args, f"diffusion.target_mean={[0.0] * 53}", f"diffusion.target_std={[2.0] * 53}"])
+    build.fill_target_stats(pinned, "expgen", None)
+    assert build.build_model("expgen", pinned, load_weights=False).head.normalize["std"] == [2.0] * 53
+
+
+def test_normalize_config_errors(world, tmp_path):
+    base = [f"data_root={world}", f"run_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="diffusion.normalize.*must be true when target_mean"):
+        load_config(IdGenTrainConfig, DEMO / "idgen.yaml",
+                    [*base, "diffusion.normalize=false", "diffusion.target_mean=[0.0]", "diffusion.target_std=[1.0]"])
+    with pytest.raises(ConfigError, match="target_std.*both be given"):
+        load_config(IdGenTrainConfig, DEMO / "idgen.yaml", [*base, "diffusion.target_mean=[0.0]"])
+    with pytest.raises(ConfigError, match="target_std.*must be > 0"):
+        load_config(IdGenTrainConfig, DEMO / "idgen.yaml",
+                    [*base, "diffusion.target_mean=[0.0]", "diffusion.target_std=[0.0]"])
+    cfg = load_config(IdGenTrainConfig, DEMO / "idgen.yaml", base)
+    with pytest.raises(ConfigError, match="'diffusion.normalize' is true but .*fill_target_stats"):
+        build.build_model("idgen", cfg, load_weights=False)
+    cfg = load_config(IdGenTrainConfig, DEMO / "idgen.yaml",
+                      [*base, "diffusion.target_mean=[0.0]", "diffusion.target_std=[1.0]"])
+    with pytest.raises(ConfigError, match="normalize.mean must have 20 entries"):
+        build.build_model("idgen", cfg, load_weights=False)

@@ -374,6 +374,11 @@ class DiffusionConfig:
 
     ``schedule: linear`` uses ``num_steps, beta_1, beta_T`` (the original); ``cosine`` uses
     ``num_steps, cosine_s, max_beta``.
+
+    ``normalize: true`` (not in the original) diffuses standardised targets
+    ``(x - target_mean) / target_std``; the training scripts fill ``target_mean`` /
+    ``target_std`` from the training set (one value per coefficient; on resume, from the
+    checkpoint) unless the config pins them, and the checkpoint's config keeps them.
     """
 
     num_steps: int = 1000
@@ -384,9 +389,21 @@ class DiffusionConfig:
     max_beta: float = 0.999
     loss: Literal["l1", "mse"] = "l1"
     lr: float = 1e-3
+    normalize: bool = False
+    target_mean: Optional[list[float]] = None
+    target_std: Optional[list[float]] = None
 
     def validate(self, p: str) -> None:
         _check(self.num_steps >= 2, p + "num_steps", f"must be >= 2, got {self.num_steps}")
+        stats = (self.target_mean, self.target_std)
+        if any(v is not None for v in stats):
+            _check(self.normalize, p + "normalize",
+                   "must be true when target_mean / target_std are given")
+            _check(all(v is not None for v in stats) and len(self.target_mean) == len(self.target_std),
+                   p + "target_std", "target_mean and target_std must both be given, with one "
+                   "entry per diffused coefficient")
+            _check(min(self.target_std, default=1.0) > 0, p + "target_std",
+                   f"must be > 0 everywhere, got min {min(self.target_std, default=1.0)}")
         if self.schedule == "linear":
             _check(0 < self.beta_1 < self.beta_T < 1, p + "beta_T",
                    f"must satisfy 0 < beta_1 < beta_T < 1, got {self.beta_1}, {self.beta_T}")

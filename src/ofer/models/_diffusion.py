@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -27,11 +28,43 @@ def _check_keys(cls_name: str, config: dict[str, Any], allowed: Sequence[str]) -
         )
 
 
+def _check_normalize(cls_name: str, normalize: Any, dim: int) -> tuple[list[float], list[float]] | None:
+    """``{"mean": [D floats], "std": [D floats > 0]}`` -> (mean, std); None stays None."""
+    if normalize is None:
+        return None
+    where = f"{cls_name} normalize"
+    if not isinstance(normalize, dict) or set(normalize) != {"mean", "std"}:
+        raise ConfigError(f"{where} must be None or a dict with keys 'mean' and 'std', got {normalize!r}")
+    out = []
+    for key in ("mean", "std"):
+        v = normalize[key]
+        try:
+            vals = [float(x) for x in v]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}.{key} must be a list of {dim} numbers, got {v!r}") from None
+        if len(vals) != dim:
+            raise ConfigError(f"{where}.{key} must have {dim} entries (param_dim), got {len(vals)}")
+        if not all(math.isfinite(x) for x in vals):
+            raise ConfigError(f"{where}.{key} must be finite")
+        out.append(vals)
+    if min(out[1]) <= 0:
+        raise ConfigError(f"{where}.std must be > 0 everywhere, got min {min(out[1])}")
+    return out[0], out[1]
+
+
 class ConditionalDiffusion(nn.Module):
     """Denoiser ``net`` + schedule ``var_sched`` + epsilon loss + sampling.
 
     The ``state_dict`` is laid out like the original ``diffusion`` checkpoint entry:
     ``net.<Denoiser key>`` and ``var_sched.<17 schedule buffers>``.
+
+    ``normalize`` (optional, not in the released models): per-coefficient ``mean`` and
+    ``std`` of the training targets. The diffusion then runs on ``(x - mean) / std``:
+    :meth:`training_loss` takes raw targets and :meth:`sample` returns raw coefficients.
+    It gives every coefficient unit scale (the jaw's few hundredths of a radian next to
+    unit-variance expression coefficients), so that a short run is calibrated on all of
+    them. It lives in :attr:`config` (non-persistent buffers): the ``state_dict`` keys do
+    not change.
     """
 
     kind: ClassVar[str] = "diffusion"
@@ -45,6 +78,7 @@ class ConditionalDiffusion(nn.Module):
         num_qkv: int = 16,
         schedule: dict[str, Any] | None = None,
         loss: str = "l1",
+        normalize: dict[str, Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -55,6 +89,11 @@ class ConditionalDiffusion(nn.Module):
         except ValueError as exc:
             raise ConfigError(f"{type(self).__name__} schedule: {exc}") from exc
         self.loss_type = loss
+        stats = _check_normalize(type(self).__name__, normalize, int(param_dim))
+        self.normalize = None if stats is None else {"mean": stats[0], "std": stats[1]}
+        mean, std = stats if stats is not None else ([0.0] * int(param_dim), [1.0] * int(param_dim))
+        self.register_buffer("param_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("param_std", torch.tensor(std, dtype=torch.float32), persistent=False)
 
     # ----------------------------------------------------------------- config
     @property
@@ -75,6 +114,7 @@ class ConditionalDiffusion(nn.Module):
             "num_qkv": self.net.num_qkv,
             "schedule": dict(self.var_sched.config),
             "loss": self.loss_type,
+            "normalize": None if self.normalize is None else {k: list(v) for k, v in self.normalize.items()},
         }
 
     @classmethod
@@ -102,13 +142,16 @@ class ConditionalDiffusion(nn.Module):
         Returns:
             ``(loss, stats)``: the scalar mean loss and ``{"loss": (B,) per-sample loss
             (detached), "t": (B,) int64}``. The loss is ``mean |eps_hat - eps|`` ("l1", the
-            original) or ``mean (eps_hat - eps)^2`` ("mse").
+            original) or ``mean (eps_hat - eps)^2`` ("mse"); with ``normalize``, ``x0`` is
+            standardised first.
         """
         g = generator if generator is not None else fresh_generator()
         b = x0.shape[0]
         t = torch.randint(0, self.var_sched.num_steps, (b,), generator=g, device=g.device)
         eps = torch.randn(x0.shape, generator=g, device=g.device, dtype=x0.dtype)
         t, eps = t.to(x0.device), eps.to(x0.device)
+        if self.normalize is not None:
+            x0 = (x0 - self.param_mean.to(x0)) / self.param_std.to(x0)
         x_t = self.var_sched.add_noise(x0, t, eps)
         pred = self.net(x_t, t, cond)
         diff = pred - eps
@@ -140,11 +183,11 @@ class ConditionalDiffusion(nn.Module):
                 only, whatever the batch size.
             generator: used only to draw a base seed when ``seed`` is None.
             x_T: (B, n, D) or (B * n, D) initial noise (then no seed is needed for
-                deterministic methods).
+                deterministic methods); with ``normalize`` it lives in the standardised space.
             image_indices: global index of each image (default ``0..B-1``).
 
         Returns:
-            (B, n, D) float32.
+            (B, n, D) float32 (raw coefficients: ``normalize`` is undone).
         """
         b = cond.shape[0]
         rows = cond.repeat_interleave(n, dim=0)
@@ -160,4 +203,7 @@ class ConditionalDiffusion(nn.Module):
             x_T = x_T.reshape(b * n, self.param_dim)
         out = sample(self.net, rows, self.var_sched, method, steps=steps, x_T=x_T,
                      generator=gens, eta=eta, param_dim=self.param_dim)
-        return out.float().reshape(b, n, self.param_dim)
+        out = out.float().reshape(b, n, self.param_dim)
+        if self.normalize is not None:
+            out = out * self.param_std.to(out) + self.param_mean.to(out)
+        return out

@@ -31,15 +31,17 @@ class ExpGen(ConditionalDiffusion):
         "num_qkv": 16,
         "schedule": DEFAULT_SCHEDULE,
         "loss": "l1",
+        "normalize": None,
         "jaw_scale": 0.5,
     }
 
     def __init__(self, param_dim: int = 53, cond_dim: int = 1024, dims=(53, 25, 10),
                  num_qkv: int = 16, schedule: dict[str, Any] | None = None,
-                 loss: str = "l1", jaw_scale: float = 0.5) -> None:
+                 loss: str = "l1", jaw_scale: float = 0.5,
+                 normalize: dict[str, Any] | None = None) -> None:
         if param_dim <= 3:
             raise ConfigError(f"ExpGen param_dim must be n_exp + 3 > 3, got {param_dim}")
-        super().__init__(param_dim, cond_dim, dims, num_qkv, schedule, loss)
+        super().__init__(param_dim, cond_dim, dims, num_qkv, schedule, loss, normalize)
         self.jaw_scale = float(jaw_scale)
 
     @property

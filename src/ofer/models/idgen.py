@@ -32,9 +32,10 @@ class IdGen(ConditionalDiffusion):
         "num_qkv": 16,
         "schedule": DEFAULT_SCHEDULE,
         "loss": "l1",
+        "normalize": None,
     }
 
     def __init__(self, param_dim: int = 300, cond_dim: int = 512, dims=(300, 50, 10),
                  num_qkv: int = 16, schedule: dict[str, Any] | None = None,
-                 loss: str = "l1") -> None:
-        super().__init__(param_dim, cond_dim, dims, num_qkv, schedule, loss)
+                 loss: str = "l1", normalize: dict[str, Any] | None = None) -> None:
+        super().__init__(param_dim, cond_dim, dims, num_qkv, schedule, loss, normalize)

@@ -23,7 +23,7 @@ from ..config import (
     config_from_dict,
     resolve_path,
 )
-from ..errors import AssetError, CheckpointError
+from ..errors import AssetError, CheckpointError, ConfigError
 from .checkpoint import read_checkpoint
 from .tasks import ConditionedModel
 
@@ -34,6 +34,8 @@ __all__ = [
     "build_model",
     "build_datasets",
     "build_flame",
+    "fill_target_stats",
+    "target_stats",
     "load_trained_model",
     "load_val_ranker",
     "check_assets",
@@ -81,6 +83,73 @@ def schedule_config(cfg: Any) -> dict[str, Any]:
     return {"kind": "linear", "num_steps": d.num_steps, "beta_1": d.beta_1, "beta_T": d.beta_T}
 
 
+def _normalize_config(cfg: Any) -> Optional[dict[str, list[float]]]:
+    d = cfg.diffusion
+    if not d.normalize:
+        return None
+    if d.target_mean is None or d.target_std is None:
+        raise ConfigError("config key 'diffusion.normalize' is true but 'diffusion.target_mean' / "
+                          "'target_std' are empty: the training scripts fill them from the training "
+                          "set (ofer.train.build.fill_target_stats)")
+    return {"mean": list(d.target_mean), "std": list(d.target_std)}
+
+
+def target_stats(dataset: Any, kind: str, n_coeffs: int) -> tuple[list[float], list[float]]:
+    """Per-coefficient mean and std of the diffusion targets of a training set.
+
+    One value per entry of ``dataset`` (an actor for IdGen, a frame for ExpGen), read from
+    the FLAME parameter files only (no image is loaded), like the training targets: IdGen
+    the first ``n_coeffs`` shape coefficients; ExpGen ``[exp (n_coeffs) | jaw (3)]``. A
+    coefficient that never varies gets std 1 (it is left as it is).
+
+    Args:
+        dataset: a :class:`~ofer.data.datasets.FaceDataset` (``entries``, ``n_shape``,
+            ``n_exp``).
+        kind: ``"idgen"`` or ``"expgen"``.
+        n_coeffs: IdGen's ``n_shape`` or ExpGen's ``n_exp`` (of the training config).
+
+    Returns:
+        ``(mean, std)``: two lists of floats (float64 statistics).
+    """
+    from ..data.datasets import load_params
+
+    if kind not in ("idgen", "expgen"):
+        raise ValueError(f"target_stats: kind must be 'idgen' or 'expgen', got {kind!r}")
+    mode = "identity" if kind == "idgen" else "expression"
+    rows = []
+    for e in dataset.entries:
+        p = load_params(e, dataset.n_shape, dataset.n_exp, mode)
+        rows.append(p["shape_coeffs"][:n_coeffs] if kind == "idgen"
+                    else np.concatenate([p["exp_coeffs"][:n_coeffs], p["jaw_pose"]]))
+    if not rows:
+        raise ConfigError("diffusion.normalize: the training set is empty")
+    x = np.stack(rows).astype(np.float64)
+    std = x.std(axis=0)
+    std = np.where(std > 1e-8, std, 1.0)
+    return x.mean(axis=0).tolist(), std.tolist()
+
+
+def fill_target_stats(cfg: Any, kind: str, train_set: Any) -> None:
+    """With ``diffusion.normalize``, fill ``diffusion.target_mean`` / ``target_std`` in place.
+
+    Pinned values in the config are kept. On ``resume`` the statistics come from the run's
+    latest checkpoint (the weights were trained with them), else from ``train_set``
+    (:func:`target_stats`).
+    """
+    d = cfg.diffusion
+    if not d.normalize or (d.target_mean is not None and d.target_std is not None):
+        return
+    from .loop import latest_checkpoint
+
+    ck = latest_checkpoint(cfg.run_dir) if cfg.resume else None
+    if ck is not None:
+        saved = (read_checkpoint(ck).get("config") or {}).get("diffusion") or {}
+        if saved.get("target_mean") is not None and saved.get("target_std") is not None:
+            d.target_mean, d.target_std = list(saved["target_mean"]), list(saved["target_std"])
+            return
+    d.target_mean, d.target_std = target_stats(train_set, kind, cfg.n_shape if kind == "idgen" else cfg.n_exp)
+
+
 def head_config(kind: str, cfg: Any, num_vertices: Optional[int] = None) -> dict[str, Any]:
     """The plain-dict config handed to ``ofer.models.<Head>.from_config``.
 
@@ -91,12 +160,12 @@ def head_config(kind: str, cfg: Any, num_vertices: Optional[int] = None) -> dict
     if kind == "idgen":
         return {"param_dim": cfg.n_shape, "cond_dim": 512, "dims": list(cfg.denoiser.dims),
                 "num_qkv": cfg.denoiser.num_qkv, "schedule": schedule_config(cfg),
-                "loss": cfg.diffusion.loss}
+                "loss": cfg.diffusion.loss, "normalize": _normalize_config(cfg)}
     if kind == "expgen":
         return {"param_dim": cfg.n_exp + 3, "cond_dim": 512 + cfg.farl.embed_dim,
                 "dims": list(cfg.denoiser.dims), "num_qkv": cfg.denoiser.num_qkv,
                 "schedule": schedule_config(cfg), "loss": cfg.diffusion.loss,
-                "jaw_scale": cfg.jaw_scale}
+                "jaw_scale": cfg.jaw_scale, "normalize": _normalize_config(cfg)}
     if kind == "idrank":
         if num_vertices is None:
             raise ValueError("the IdRank config needs num_vertices")
@@ -353,6 +422,12 @@ def dry_run(kind: str, cfg: Any) -> list[str]:
         if ranker is not None:
             report.append(f"validation ranker: {sum(p.numel() for p in ranker.parameters())} parameters, "
                           f"{ranker.head.num_vertices} vertices (val/ranked_mm selects best.pt)")
+    if kind in ("idgen", "expgen") and cfg.diffusion.normalize:
+        train, _ = build_datasets(cfg, "identity" if kind == "idgen" else "expression", load_farl=False,
+                                  check=False)
+        fill_target_stats(cfg, kind, train)
+        report.append(f"diffusion.normalize: target std {min(cfg.diffusion.target_std):.3g}.."
+                      f"{max(cfg.diffusion.target_std):.3g} ({len(train)} training entries)")
     model = build_model(kind, cfg, load_weights=True)
     n = sum(p.numel() for p in model.parameters())
     t = sum(p.numel() for p in model.parameters() if p.requires_grad)
