@@ -155,7 +155,10 @@ def test_load_layouts_and_errors(tmp_path):
     sd = src.state_dict()
     x = seeded_input((2, 3, 112, 112), 9)
     ref = src.eval()(x)
-    for layout in (sd, {"arcface": sd, "epoch": 3}, {"state_dict": {"module." + k: v for k, v in sd.items()}}):
+    ours = {"model": {**{"arcface." + k: v for k, v in sd.items()}, "head.w": torch.zeros(2),
+                      "farl.proj": torch.ones(1)}, "step": 5, "kind": "idgen"}
+    for layout in (sd, {"arcface": sd, "epoch": 3}, {"state_dict": {"module." + k: v for k, v in sd.items()}},
+                   ours):
         path = tmp_path / "w.pth"
         torch.save(layout, path)
         dst = load_arcface_state_dict(IResNet(layers=(1, 1, 1, 1), width=8), path).eval()

@@ -218,3 +218,24 @@ def test_normalize_config_errors():
         IdGen(**kw, normalize={"mean": [0.0] * 4})
     with pytest.raises(ConfigError, match="normalize.mean must be a list of 4 numbers"):
         IdGen(**kw, normalize={"mean": "zero", "std": [1.0] * 4})
+
+
+def test_noise_samples_repeat_rows_and_lower_the_loss_variance():
+    m = tiny_idgen()
+    g = torch.Generator().manual_seed(3)
+    x0, cond = torch.randn(4, 12, generator=g), torch.randn(4, 8, generator=g)
+    loss, stats = m.training_loss(x0, cond, generator=torch.Generator().manual_seed(4), noise_samples=3)
+    ref, ref_stats = m.training_loss(x0.repeat_interleave(3, 0), cond.repeat_interleave(3, 0),
+                                     generator=torch.Generator().manual_seed(4))
+    assert stats["loss"].shape == stats["t"].shape == (12,)
+    assert torch.equal(loss, ref) and torch.equal(stats["t"], ref_stats["t"])
+    # same expected loss, variance over draws ~1/K
+    with torch.no_grad():
+        draws = {k: torch.stack([m.training_loss(x0, cond, generator=torch.Generator().manual_seed(s),
+                                                 noise_samples=k)[0] for s in range(150)])
+                 for k in (1, 8)}
+    ratio = float(draws[8].std() / draws[1].std())
+    assert 0.2 < ratio < 0.55, ratio  # 1/sqrt(8) = 0.35
+    assert abs(float(draws[8].mean() - draws[1].mean())) < 3 * float(draws[1].std()) / 150 ** 0.5
+    with pytest.raises(ValueError, match="noise_samples must be an integer >= 1"):
+        m.training_loss(x0, cond, noise_samples=0)

@@ -125,6 +125,17 @@ def test_trainexpgen_main(world, tmp_path):
                        "jaw_scale=0.5"])
     res = trainExpGen.main(cfg)
     assert res.step == 4 and np.isfinite(res.metrics["val/mean_sample_mm"])
+    # the neutral-face baseline, recomputed from the held-out files with FLAME
+    vertices, _ = build.build_flame(cfg)
+    _, val = build.build_datasets(cfg, "expression", load_farl=False)
+    errs = []
+    for e in val.entries[: cfg.val.max_items]:
+        z = np.load(e.params)
+        shape = torch.tensor(z["betas"][None, :300], dtype=torch.float32)
+        gt = vertices(shape_coeffs=shape, exp_coeffs=torch.tensor(z["betas"][None, 300:350]),
+                      jaw_pose=torch.tensor(z["pose"][None, 6:9]))
+        errs.append(float((vertices(shape_coeffs=shape) - gt).norm(dim=-1).mean() * 1000))
+    assert res.metrics["val/zero_expression_mm"] == pytest.approx(np.mean(errs), rel=1e-4)
     ck = read_checkpoint(tmp_path / "checkpoints" / "latest.pt")
     assert [g["name"] for g in ck["optimizer"]["param_groups"]] == ["farl", "arcface", "diffusion"]
     assert any(k.startswith("farl.") for k in ck["model"])

@@ -375,7 +375,9 @@ class DiffusionConfig:
     ``schedule: linear`` uses ``num_steps, beta_1, beta_T`` (the original); ``cosine`` uses
     ``num_steps, cosine_s, max_beta``.
 
-    ``normalize: true`` (not in the original) diffuses standardised targets
+    ``noise_samples`` (not in the original; 1 = the original): K draws of ``(t, eps)`` per
+    image and step, a lower-variance loss for K passes of the small denoiser (the encoders
+    run once). ``normalize: true`` (not in the original) diffuses standardised targets
     ``(x - target_mean) / target_std``; the training scripts fill ``target_mean`` /
     ``target_std`` from the training set (one value per coefficient; on resume, from the
     checkpoint) unless the config pins them, and the checkpoint's config keeps them.
@@ -389,12 +391,14 @@ class DiffusionConfig:
     max_beta: float = 0.999
     loss: Literal["l1", "mse"] = "l1"
     lr: float = 1e-3
+    noise_samples: int = 1
     normalize: bool = False
     target_mean: Optional[list[float]] = None
     target_std: Optional[list[float]] = None
 
     def validate(self, p: str) -> None:
         _check(self.num_steps >= 2, p + "num_steps", f"must be >= 2, got {self.num_steps}")
+        _check(self.noise_samples >= 1, p + "noise_samples", f"must be >= 1, got {self.noise_samples}")
         stats = (self.target_mean, self.target_std)
         if any(v is not None for v in stats):
             _check(self.normalize, p + "normalize",

@@ -130,7 +130,8 @@ class ConditionalDiffusion(nn.Module):
         return self.net(x_t, t, cond)
 
     def training_loss(
-        self, x0: Tensor, cond: Tensor, generator: torch.Generator | None = None
+        self, x0: Tensor, cond: Tensor, generator: torch.Generator | None = None,
+        noise_samples: int = 1,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Epsilon-prediction loss at uniformly drawn time steps.
 
@@ -138,13 +139,21 @@ class ConditionalDiffusion(nn.Module):
             x0: (B, D) clean parameters. cond: (B, C) conditions.
             generator: draws ``t ~ U{0..T-1}`` and ``eps ~ N(0, I)`` (on its device);
                 None = a fresh non-deterministic generator.
+            noise_samples: K draws of ``(t, eps)`` per example (rows ``i * K + k``). The
+                expected loss is the same; its variance is lower, for the price of K
+                denoiser passes (cheap next to the image encoders that made ``cond``).
 
         Returns:
-            ``(loss, stats)``: the scalar mean loss and ``{"loss": (B,) per-sample loss
-            (detached), "t": (B,) int64}``. The loss is ``mean |eps_hat - eps|`` ("l1", the
+            ``(loss, stats)``: the scalar mean loss and ``{"loss": (B * K,) per-row loss
+            (detached), "t": (B * K,) int64}``. The loss is ``mean |eps_hat - eps|`` ("l1", the
             original) or ``mean (eps_hat - eps)^2`` ("mse"); with ``normalize``, ``x0`` is
             standardised first.
         """
+        if int(noise_samples) != noise_samples or noise_samples < 1:
+            raise ValueError(f"noise_samples must be an integer >= 1, got {noise_samples}")
+        if noise_samples > 1:
+            x0 = x0.repeat_interleave(int(noise_samples), dim=0)
+            cond = cond.repeat_interleave(int(noise_samples), dim=0)
         g = generator if generator is not None else fresh_generator()
         b = x0.shape[0]
         t = torch.randint(0, self.var_sched.num_steps, (b,), generator=g, device=g.device)

@@ -256,6 +256,8 @@ def _extract_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
             out = dict(obj)
             if all(k.startswith("module.") for k in out):
                 out = {k[len("module."):]: v for k, v in out.items()}
+            if any(k.startswith("arcface.") for k in out):  # an OFER training checkpoint's model
+                out = {k[len("arcface."):]: v for k, v in out.items() if k.startswith("arcface.")}
             return out
     raise CheckpointError(
         f"{source}: no ArcFace state_dict found (expected a tensor dict, or one under 'arcface'/'state_dict')"
@@ -268,8 +270,10 @@ def load_arcface_state_dict(
     """Load ArcFace weights into ``model`` and return it.
 
     ``source`` is a path (read with ``weights_only=True``) or a mapping: a bare IResNet
-    state_dict (insightface ``backbone.pth``), or a checkpoint dict holding one under
-    ``arcface`` (MICA, OFER) or ``state_dict``. A ``module.`` prefix (DataParallel) is removed.
+    state_dict (insightface ``backbone.pth``), a checkpoint dict holding one under
+    ``arcface`` (MICA, OFER) or ``state_dict``, or a checkpoint of our training scripts
+    (its ``model`` entry's ``arcface.*`` keys, e.g. to start ExpGen from a trained IdGen's
+    encoder). A ``module.`` prefix (DataParallel) is removed.
     Mismatches raise one-line :class:`~ofer.errors.CheckpointError` naming the keys.
     """
     name = str(source) if not isinstance(source, Mapping) else "ArcFace state_dict"

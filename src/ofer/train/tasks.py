@@ -135,7 +135,8 @@ class _GenTask(TrainTask):
         cond = _cond(model, b)
         x0 = self.target(b).float()
         with torch.autocast(device_type=x0.device.type, enabled=False):
-            return model.head.training_loss(x0, cond.float(), generator=generator)
+            return model.head.training_loss(x0, cond.float(), generator=generator,
+                                            noise_samples=self.cfg.diffusion.noise_samples)
 
     def _sample(self, model, b, generator, n=None):
         cond = _cond(model, b)
@@ -253,7 +254,9 @@ class IdGenTask(_GenTask):
 class ExpGenTask(_GenTask):
     """x0 = [exp_coeffs[:n_exp] | jaw_pose] (n_exp + 3, the raw jaw as in the original);
     cond = [FaRL | normalize(ArcFace)]. ``jaw_scale`` only affects sampling for users
-    (``ExpGen.split``); validation compares raw samples with the ground truth."""
+    (``ExpGen.split``); validation compares raw samples with the ground truth, on the true
+    identity: ``mean_sample_mm`` (mean of the N), ``sample_mm`` (average sample) and
+    ``zero_expression_mm`` (the neutral face: the baseline to beat)."""
 
     kind = "expgen"
 
@@ -269,7 +272,7 @@ class ExpGenTask(_GenTask):
     def validate(self, model, dataset, generator):
         if self.vertices is None:
             return {}
-        errs = {"val/mean_sample_mm": [], "val/sample_mm": []}
+        errs = {"val/mean_sample_mm": [], "val/sample_mm": [], "val/zero_expression_mm": []}
         dev = _device_of(model)
         for b in _val_batches(dataset, self.cfg.val.max_items):
             b = {k: v.to(dev) for k, v in b.items()}
@@ -277,6 +280,8 @@ class ExpGenTask(_GenTask):
             B, n, D = s.shape
             shape = b["shape_coeffs"].float()
             gt = self._verts(shape, self.target(b).float())
+            # baseline: the neutral face (expression and jaw zero) of the true identity
+            errs["val/zero_expression_mm"].append(vertex_error_mm(self._verts(shape, torch.zeros_like(s[:, 0])), gt))
             vs = self._verts(shape.repeat_interleave(n, 0), s.reshape(B * n, D)).view(B, n, -1, 3)
             errs["val/mean_sample_mm"].append(vertex_error_mm(self._verts(shape, s.mean(1)), gt))
             errs["val/sample_mm"].append(vertex_error_mm(vs, gt[:, None]).mean(1))
