@@ -109,7 +109,8 @@ def test_trainidgen_main(world, idgen_run, tmp_path):
     groups = {g["name"]: g for g in ck["optimizer"]["param_groups"]}
     assert groups["diffusion"]["lr"] == 3e-3 and groups["arcface"]["lr"] == 1e-3  # demo config
     # freeze=l2: the stem and layer1 are excluded from the optimiser
-    model = build.build_model("idgen", _idgen_cfg(world, tmp_path), load_weights=False)
+    model = build.build_model("idgen", _idgen_cfg(world, tmp_path, ["diffusion.normalize=false"]),
+                              load_weights=False)
     assert isinstance(model.head, IdGen) and model.head.config["schedule"]["num_steps"] == 100
     n_trainable = sum(1 for p in model.arcface.parameters() if p.requires_grad)
     assert len(groups["arcface"]["params"]) == n_trainable < sum(1 for _ in model.arcface.parameters())
@@ -200,6 +201,7 @@ def test_checkpoint_round_trip_gives_identical_samples(world, idgen_run, tmp_pat
                                        "ema.enabled=false", "data.occlusion.prob=0.0"])
     torch.manual_seed(0)
     train, _ = build.build_datasets(cfg, "identity", load_farl=False)
+    build.fill_target_stats(cfg, "idgen", train)  # the demo config normalises, as trainIdGen does
     model = build.build_model("idgen", cfg)
     run_training(cfg, IdGenTask(cfg, model), train)
     loaded, _ = build.load_trained_model(tmp_path / "checkpoints" / "latest.pt", "idgen")
@@ -239,6 +241,7 @@ def test_real_idgen_overfits_one_batch(world, tmp_path):
                                        "diffusion.lr=1e-2", "ema.enabled=false"])
     torch.manual_seed(0)
     train, _ = build.build_datasets(cfg, "identity", load_farl=False)
+    build.fill_target_stats(cfg, "idgen", train)  # the demo config normalises, as trainIdGen does
     model = build.build_model("idgen", cfg)
     batch = torch.utils.data.default_collate([train[i] for i in range(4)])
     x = batch["arcface"].flatten(0, 1)
@@ -324,7 +327,7 @@ def test_bad_vertex_region_is_one_line(world, idgen_run, capsys):
 # IdGen validation with a ranker: val/ranked_mm
 # ----------------------------------------------------------------------------------------
 def _val_setup(world, extra=()):
-    cfg = _idgen_cfg(world, world / "unused_run", extra)
+    cfg = _idgen_cfg(world, world / "unused_run", ["diffusion.normalize=false", *extra])
     torch.manual_seed(0)
     model = build.build_model("idgen", cfg, load_weights=False).eval()
     ranker = build.load_val_ranker(cfg)
