@@ -27,7 +27,7 @@ def test_defaults_are_the_released_architectures():
     assert IdGen().config == {
         "param_dim": 300, "cond_dim": 512, "dims": [300, 50, 10], "num_qkv": 16,
         "schedule": {"kind": "linear", "num_steps": 1000, "beta_1": 1e-4, "beta_T": 1e-2},
-        "loss": "l1", "normalize": None}
+        "loss": "l1", "normalize": None, "prediction": "eps", "cond_scale": 1.0}
     e = ExpGen()
     assert e.config["jaw_scale"] == 0.5 and e.config["dims"] == [53, 25, 10] and e.n_exp == 50
     r = IdRank()
@@ -239,3 +239,66 @@ def test_noise_samples_repeat_rows_and_lower_the_loss_variance():
     assert abs(float(draws[8].mean() - draws[1].mean())) < 3 * float(draws[1].std()) / 150 ** 0.5
     with pytest.raises(ValueError, match="noise_samples must be an integer >= 1"):
         m.training_loss(x0, cond, noise_samples=0)
+
+
+class _ConstNet(torch.nn.Module):
+    """A stand-in denoiser that outputs the same vector for every input."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value, self.param_dim = value, value.shape[0]
+
+    def forward(self, x_t, t, cond, cond_film=None):
+        return self.value.to(x_t.dtype).expand(x_t.shape[0], -1).clone()
+
+
+@pytest.mark.parametrize("method", ["ddim", "dpmpp_2m", "ddpm"])
+def test_x0_prediction_samples_what_the_net_predicts(method):
+    """A net that always predicts x0 = c makes every sampler end at c (analytic case)."""
+    m = IdGen(param_dim=4, cond_dim=8, dims=(4, 2), prediction="x0",
+              schedule={"kind": "linear", "num_steps": 50, "beta_1": 1e-3, "beta_T": 5e-2})
+    c = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    m.net = _ConstNet(c)
+    out = m.sample(torch.zeros(2, 8), n=3, method=method, steps=None if method == "ddpm" else 10, seed=0)
+    # (ddpm: the posterior mean at t = 0 is x0_hat and the last step adds no noise)
+    torch.testing.assert_close(out, c.expand(2, 3, 4), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="legacy_ddim samples the released epsilon models only"):
+        m.sample(torch.zeros(1, 8), n=1, method="legacy_ddim", seed=0)
+
+
+def test_x0_prediction_loss_and_eps_view():
+    m = tiny_idgen(prediction="x0")
+    g = torch.Generator().manual_seed(3)
+    x0, cond = torch.randn(6, 12, generator=g), torch.randn(6, 8, generator=g)
+    loss, stats = m.training_loss(x0, cond, generator=torch.Generator().manual_seed(4))
+    # independent recomputation: same draws, MSE of the net output against x0 itself
+    g2 = torch.Generator().manual_seed(4)
+    t = torch.randint(0, m.var_sched.num_steps, (6,), generator=g2)
+    eps = torch.randn(x0.shape, generator=g2)
+    ab = m.var_sched.alphas_cumprod.double()[t][:, None]
+    x_t = (ab.sqrt() * x0 + (1 - ab).sqrt() * eps).float()
+    with torch.no_grad():
+        pred = m.net(x_t, t, cond)
+        torch.testing.assert_close(stats["loss"], (pred - x0).abs().mean(1), rtol=1e-5, atol=1e-6)
+        # the samplers' view: x_t = sqrt(abar) x0_hat + sqrt(1 - abar) eps_hat
+        eps_hat = m(x_t, t, cond)
+        torch.testing.assert_close((ab.sqrt() * pred + (1 - ab).sqrt() * eps_hat).float(), x_t,
+                                   atol=1e-5, rtol=0)
+    assert torch.equal(stats["t"], t) and torch.isclose(loss, stats["loss"].mean())
+
+
+def test_cond_scale_is_a_scaled_condition():
+    plain, scaled = tiny_idgen(), tiny_idgen(cond_scale=4.0)
+    scaled.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x0, cond = torch.randn(3, 12, generator=g), torch.randn(3, 8, generator=g)
+    a = scaled.training_loss(x0, cond, generator=torch.Generator().manual_seed(2))[0]
+    b = plain.training_loss(x0, 4.0 * cond, generator=torch.Generator().manual_seed(2))[0]
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(scaled.sample(cond, n=2, method="ddim", steps=5, seed=3),
+                               plain.sample(4.0 * cond, n=2, method="ddim", steps=5, seed=3))
+    assert IdGen.from_config(scaled.config).cond_scale == 4.0
+    with pytest.raises(ConfigError, match="cond_scale must be a number > 0"):
+        tiny_idgen(cond_scale=0.0)
+    with pytest.raises(ConfigError, match="prediction must be one of"):
+        tiny_idgen(prediction="v")

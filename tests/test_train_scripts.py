@@ -483,7 +483,8 @@ def test_target_stats_match_the_training_files(world, kind, name, n):
 
 def test_expgen_normalize_run_keeps_its_statistics(world, tmp_path, monkeypatch):
     args = [f"data_root={world}", f"run_dir={tmp_path}", *COMMON, *FARL, *SMALL_DENOISER,
-            "diffusion.normalize=true", "train.max_steps=2"]
+            "diffusion.normalize=true", "train.max_steps=2", "diffusion.prediction=x0",
+            "diffusion.cond_scale=2.5"]
     trainExpGen.main(load_config(ExpGenTrainConfig, DEMO / "expgen.yaml", args))
     ck = read_checkpoint(tmp_path / "checkpoints" / "latest.pt")
     x = _targets_on_disk(world, "WORLDEXP_TRAIN", "expgen", 50)
@@ -491,6 +492,7 @@ def test_expgen_normalize_run_keeps_its_statistics(world, tmp_path, monkeypatch)
     np.testing.assert_allclose(d["target_std"], x.std(0), rtol=1e-6)
     model, _ = build.load_trained_model(tmp_path / "checkpoints" / "latest.pt", "expgen")
     assert model.head.normalize == {"mean": d["target_mean"], "std": d["target_std"]}
+    assert model.head.prediction == "x0" and model.head.cond_scale == 2.5
     # a resumed run takes the statistics its weights were trained with from the checkpoint,
     # even when the training files changed in between
     def fail(*a, **k):
@@ -512,6 +514,10 @@ def test_normalize_config_errors(world, tmp_path):
     with pytest.raises(ConfigError, match="diffusion.normalize.*must be true when target_mean"):
         load_config(IdGenTrainConfig, DEMO / "idgen.yaml",
                     [*base, "diffusion.normalize=false", "diffusion.target_mean=[0.0]", "diffusion.target_std=[1.0]"])
+    with pytest.raises(ConfigError, match="diffusion.cond_scale.*must be > 0"):
+        load_config(IdGenTrainConfig, DEMO / "idgen.yaml", [*base, "diffusion.cond_scale=0"])
+    with pytest.raises(ConfigError, match="diffusion.prediction"):
+        load_config(IdGenTrainConfig, DEMO / "idgen.yaml", [*base, "diffusion.prediction=v"])
     with pytest.raises(ConfigError, match="target_std.*both be given"):
         load_config(IdGenTrainConfig, DEMO / "idgen.yaml", [*base, "diffusion.target_mean=[0.0]"])
     with pytest.raises(ConfigError, match="target_std.*must be > 0"):

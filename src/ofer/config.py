@@ -377,7 +377,9 @@ class DiffusionConfig:
 
     ``noise_samples`` (not in the original; 1 = the original): K draws of ``(t, eps)`` per
     image and step, a lower-variance loss for K passes of the small denoiser (the encoders
-    run once). ``normalize: true`` (not in the original) diffuses standardised targets
+    run once). ``prediction: x0`` trains the net to output the clean coefficients instead of
+    the noise, ``cond_scale`` multiplies the condition before the net (``eps`` and 1: the
+    original). ``normalize: true`` (not in the original) diffuses standardised targets
     ``(x - target_mean) / target_std``; the training scripts fill ``target_mean`` /
     ``target_std`` from the training set (one value per coefficient; on resume, from the
     checkpoint) unless the config pins them, and the checkpoint's config keeps them.
@@ -392,6 +394,8 @@ class DiffusionConfig:
     loss: Literal["l1", "mse"] = "l1"
     lr: float = 1e-3
     noise_samples: int = 1
+    prediction: Literal["eps", "x0"] = "eps"
+    cond_scale: float = 1.0
     normalize: bool = False
     target_mean: Optional[list[float]] = None
     target_std: Optional[list[float]] = None
@@ -399,6 +403,7 @@ class DiffusionConfig:
     def validate(self, p: str) -> None:
         _check(self.num_steps >= 2, p + "num_steps", f"must be >= 2, got {self.num_steps}")
         _check(self.noise_samples >= 1, p + "noise_samples", f"must be >= 1, got {self.noise_samples}")
+        _check(self.cond_scale > 0, p + "cond_scale", f"must be > 0, got {self.cond_scale}")
         stats = (self.target_mean, self.target_std)
         if any(v is not None for v in stats):
             _check(self.normalize, p + "normalize",

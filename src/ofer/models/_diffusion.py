@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..nets.unet1d import Denoiser
 
 LOSSES = ("l1", "mse")
+PREDICTIONS = ("eps", "x0")
 DEFAULT_SCHEDULE = {"kind": "linear", "num_steps": 1000, "beta_1": 1e-4, "beta_T": 1e-2}
 
 
@@ -52,6 +53,38 @@ def _check_normalize(cls_name: str, normalize: Any, dim: int) -> tuple[list[floa
     return out[0], out[1]
 
 
+class _EpsDenoiser(nn.Module):
+    """The samplers' view of a head: ``(x_t, t, cond) -> eps`` whatever the head predicts.
+
+    Scales the condition by ``cond_scale`` and, for an x0-predicting net, turns its output
+    into ``eps = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t)``. Keeps the denoiser's
+    ``cond_film`` fast path.
+    """
+
+    def __init__(self, net: Denoiser, alphas_cumprod: Tensor, prediction: str, cond_scale: float) -> None:
+        super().__init__()
+        self.net, self.prediction, self.cond_scale = net, prediction, float(cond_scale)
+        self.abar = alphas_cumprod
+
+    def _cond(self, cond: Tensor) -> Tensor:
+        return cond if self.cond_scale == 1.0 else cond * self.cond_scale
+
+    def cond_film(self, cond: Tensor) -> Tensor | None:
+        prep = getattr(self.net, "cond_film", None)
+        return prep(self._cond(cond)) if callable(prep) else None
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor, cond_film: Tensor | None = None) -> Tensor:
+        cond = self._cond(cond)
+        out = self.net(x_t, t, cond) if cond_film is None else self.net(x_t, t, cond, cond_film=cond_film)
+        if self.prediction == "eps":
+            return out
+        if bool((t < 0).any()):
+            raise ValueError("an x0-predicting head needs time steps >= 0")
+        ab = self.abar.to(device=out.device, dtype=torch.float64)[t.reshape(-1).long()][:, None]
+        eps = (x_t.double() - ab.sqrt() * out.double()) / (1.0 - ab).sqrt()
+        return eps.to(out.dtype)
+
+
 class ConditionalDiffusion(nn.Module):
     """Denoiser ``net`` + schedule ``var_sched`` + epsilon loss + sampling.
 
@@ -65,6 +98,11 @@ class ConditionalDiffusion(nn.Module):
     unit-variance expression coefficients), so that a short run is calibrated on all of
     them. It lives in :attr:`config` (non-persistent buffers): the ``state_dict`` keys do
     not change.
+
+    ``prediction`` (``"eps"``, the released models, or ``"x0"``): what the net is trained
+    to output; samplers always see epsilon. ``cond_scale`` multiplies the condition before
+    the net (1 in the released models; an L2-normalised 512-d embedding has entries of
+    about 0.04, which the net's condition weights must otherwise grow to read).
     """
 
     kind: ClassVar[str] = "diffusion"
@@ -79,10 +117,18 @@ class ConditionalDiffusion(nn.Module):
         schedule: dict[str, Any] | None = None,
         loss: str = "l1",
         normalize: dict[str, Sequence[float]] | None = None,
+        prediction: str = "eps",
+        cond_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ConfigError(f"{type(self).__name__} loss must be one of {LOSSES}, got {loss!r}")
+        if prediction not in PREDICTIONS:
+            raise ConfigError(f"{type(self).__name__} prediction must be one of {PREDICTIONS}, "
+                              f"got {prediction!r}")
+        if not (isinstance(cond_scale, (int, float)) and math.isfinite(cond_scale) and cond_scale > 0):
+            raise ConfigError(f"{type(self).__name__} cond_scale must be a number > 0, got {cond_scale!r}")
+        self.prediction, self.cond_scale = prediction, float(cond_scale)
         self.net = Denoiser(param_dim, cond_dim, dims, num_qkv)
         try:
             self.var_sched = NoiseSchedule.from_config(dict(schedule or DEFAULT_SCHEDULE))
@@ -115,6 +161,8 @@ class ConditionalDiffusion(nn.Module):
             "schedule": dict(self.var_sched.config),
             "loss": self.loss_type,
             "normalize": None if self.normalize is None else {k: list(v) for k, v in self.normalize.items()},
+            "prediction": self.prediction,
+            "cond_scale": self.cond_scale,
         }
 
     @classmethod
@@ -125,9 +173,16 @@ class ConditionalDiffusion(nn.Module):
         return cls(**merged)
 
     # ---------------------------------------------------------------- training
+    def eps_denoiser(self) -> nn.Module:
+        """``(x_t, t, cond) -> eps``: the net as the samplers need it (the net itself for
+        the released setting, eps prediction and ``cond_scale`` 1)."""
+        if self.prediction == "eps" and self.cond_scale == 1.0:
+            return self.net
+        return _EpsDenoiser(self.net, self.var_sched.alphas_cumprod, self.prediction, self.cond_scale)
+
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """Predicted epsilon (B, D) for x_t (B, D), t (B,) int64, cond (B, C)."""
-        return self.net(x_t, t, cond)
+        return self.eps_denoiser()(x_t, t, cond)
 
     def training_loss(
         self, x0: Tensor, cond: Tensor, generator: torch.Generator | None = None,
@@ -146,8 +201,8 @@ class ConditionalDiffusion(nn.Module):
         Returns:
             ``(loss, stats)``: the scalar mean loss and ``{"loss": (B * K,) per-row loss
             (detached), "t": (B * K,) int64}``. The loss is ``mean |eps_hat - eps|`` ("l1", the
-            original) or ``mean (eps_hat - eps)^2`` ("mse"); with ``normalize``, ``x0`` is
-            standardised first.
+            original) or ``mean (eps_hat - eps)^2`` ("mse"), against ``x0`` instead of
+            ``eps`` with ``prediction="x0"``; with ``normalize``, ``x0`` is standardised first.
         """
         if int(noise_samples) != noise_samples or noise_samples < 1:
             raise ValueError(f"noise_samples must be an integer >= 1, got {noise_samples}")
@@ -162,8 +217,10 @@ class ConditionalDiffusion(nn.Module):
         if self.normalize is not None:
             x0 = (x0 - self.param_mean.to(x0)) / self.param_std.to(x0)
         x_t = self.var_sched.add_noise(x0, t, eps)
+        if self.cond_scale != 1.0:
+            cond = cond * self.cond_scale
         pred = self.net(x_t, t, cond)
-        diff = pred - eps
+        diff = pred - (eps if self.prediction == "eps" else x0)
         per = diff.abs().mean(dim=1) if self.loss_type == "l1" else diff.pow(2).mean(dim=1)
         return per.mean(), {"loss": per.detach(), "t": t}
 
@@ -210,7 +267,10 @@ class ConditionalDiffusion(nn.Module):
         gens = row_generators(seed, n, list(image_indices))
         if x_T is not None:
             x_T = x_T.reshape(b * n, self.param_dim)
-        out = sample(self.net, rows, self.var_sched, method, steps=steps, x_T=x_T,
+        if method == "legacy_ddim" and self.prediction != "eps":
+            raise ValueError("legacy_ddim samples the released epsilon models only; "
+                             f"this head predicts {self.prediction}")
+        out = sample(self.eps_denoiser(), rows, self.var_sched, method, steps=steps, x_T=x_T,
                      generator=gens, eta=eta, param_dim=self.param_dim)
         out = out.float().reshape(b, n, self.param_dim)
         if self.normalize is not None:

@@ -32,16 +32,20 @@ class ExpGen(ConditionalDiffusion):
         "schedule": DEFAULT_SCHEDULE,
         "loss": "l1",
         "normalize": None,
+        "prediction": "eps",
+        "cond_scale": 1.0,
         "jaw_scale": 0.5,
     }
 
     def __init__(self, param_dim: int = 53, cond_dim: int = 1024, dims=(53, 25, 10),
                  num_qkv: int = 16, schedule: dict[str, Any] | None = None,
                  loss: str = "l1", jaw_scale: float = 0.5,
-                 normalize: dict[str, Any] | None = None) -> None:
+                 normalize: dict[str, Any] | None = None, prediction: str = "eps",
+                 cond_scale: float = 1.0) -> None:
         if param_dim <= 3:
             raise ConfigError(f"ExpGen param_dim must be n_exp + 3 > 3, got {param_dim}")
-        super().__init__(param_dim, cond_dim, dims, num_qkv, schedule, loss, normalize)
+        super().__init__(param_dim, cond_dim, dims, num_qkv, schedule, loss, normalize, prediction,
+                         cond_scale)
         self.jaw_scale = float(jaw_scale)
 
     @property

@@ -33,9 +33,13 @@ class IdGen(ConditionalDiffusion):
         "schedule": DEFAULT_SCHEDULE,
         "loss": "l1",
         "normalize": None,
+        "prediction": "eps",
+        "cond_scale": 1.0,
     }
 
     def __init__(self, param_dim: int = 300, cond_dim: int = 512, dims=(300, 50, 10),
                  num_qkv: int = 16, schedule: dict[str, Any] | None = None,
-                 loss: str = "l1", normalize: dict[str, Any] | None = None) -> None:
-        super().__init__(param_dim, cond_dim, dims, num_qkv, schedule, loss, normalize)
+                 loss: str = "l1", normalize: dict[str, Any] | None = None,
+                 prediction: str = "eps", cond_scale: float = 1.0) -> None:
+        super().__init__(param_dim, cond_dim, dims, num_qkv, schedule, loss, normalize, prediction,
+                         cond_scale)

@@ -160,12 +160,14 @@ def head_config(kind: str, cfg: Any, num_vertices: Optional[int] = None) -> dict
     if kind == "idgen":
         return {"param_dim": cfg.n_shape, "cond_dim": 512, "dims": list(cfg.denoiser.dims),
                 "num_qkv": cfg.denoiser.num_qkv, "schedule": schedule_config(cfg),
-                "loss": cfg.diffusion.loss, "normalize": _normalize_config(cfg)}
+                "loss": cfg.diffusion.loss, "normalize": _normalize_config(cfg),
+                "prediction": cfg.diffusion.prediction, "cond_scale": cfg.diffusion.cond_scale}
     if kind == "expgen":
         return {"param_dim": cfg.n_exp + 3, "cond_dim": 512 + cfg.farl.embed_dim,
                 "dims": list(cfg.denoiser.dims), "num_qkv": cfg.denoiser.num_qkv,
                 "schedule": schedule_config(cfg), "loss": cfg.diffusion.loss,
-                "jaw_scale": cfg.jaw_scale, "normalize": _normalize_config(cfg)}
+                "jaw_scale": cfg.jaw_scale, "normalize": _normalize_config(cfg),
+                "prediction": cfg.diffusion.prediction, "cond_scale": cfg.diffusion.cond_scale}
     if kind == "idrank":
         if num_vertices is None:
             raise ValueError("the IdRank config needs num_vertices")
