@@ -528,5 +528,5 @@ def test_normalize_config_errors(world, tmp_path):
         build.build_model("idgen", cfg, load_weights=False)
     cfg = load_config(IdGenTrainConfig, DEMO / "idgen.yaml",
                       [*base, "diffusion.target_mean=[0.0]", "diffusion.target_std=[1.0]"])
-    with pytest.raises(ConfigError, match="normalize.mean must have 20 entries"):
+    with pytest.raises(ConfigError, match="normalize.mean must have 8 entries"):
         build.build_model("idgen", cfg, load_weights=False)
