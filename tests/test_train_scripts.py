@@ -176,7 +176,7 @@ def test_trainidrank_main(world, idgen_run, tmp_path):
     path = tmp_path / "rank" / "checkpoints" / "latest.pt"
     ck = read_checkpoint(path)
     assert [g["name"] for g in ck["optimizer"]["param_groups"]] == ["farl", "arcface", "ranker"]
-    assert ck["optimizer"]["param_groups"][2]["lr"] == 1e-4  # demo ranker lr
+    assert ck["optimizer"]["param_groups"][2]["lr"] == 1e-3  # demo ranker lr
     with open(world / "flame" / "FLAME_masks.pkl", "rb") as f:
         face = np.asarray(pickle.load(f)["face"], dtype=np.int64)
     np.testing.assert_array_equal(ck["model"]["head.vertex_indices"].numpy(), face)
