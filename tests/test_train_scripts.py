@@ -275,6 +275,8 @@ def test_dry_run_demo_configs(world, idgen_run, ranker_ckpt, kind, script, capsy
     out = cap.out
     assert out.rstrip().endswith("dry run OK") and "data.train: 4 items, data.val: 2 items" in out
     assert "model: " in out and "trainable" in out
+    if kind in ("idgen", "expgen"):  # the demo configs normalise: statistics of the 4 training entries
+        assert "diffusion.normalize: target std " in out and "(4 training entries)" in out
     if kind == "idrank":
         assert "ranker.vertex_indices: 45 vertices" in out
     if kind == "idgen":

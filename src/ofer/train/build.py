@@ -83,6 +83,10 @@ def schedule_config(cfg: Any) -> dict[str, Any]:
     return {"kind": "linear", "num_steps": d.num_steps, "beta_1": d.beta_1, "beta_T": d.beta_T}
 
 
+#: FaceDataset mode of each training kind.
+DATA_MODES = {"idgen": "identity", "idrank": "identity", "expgen": "expression"}
+
+
 def _normalize_config(cfg: Any) -> Optional[dict[str, list[float]]]:
     d = cfg.diffusion
     if not d.normalize:
@@ -115,7 +119,7 @@ def target_stats(dataset: Any, kind: str, n_coeffs: int) -> tuple[list[float], l
 
     if kind not in ("idgen", "expgen"):
         raise ValueError(f"target_stats: kind must be 'idgen' or 'expgen', got {kind!r}")
-    mode = "identity" if kind == "idgen" else "expression"
+    mode = DATA_MODES[kind]
     rows = []
     for e in dataset.entries:
         p = load_params(e, dataset.n_shape, dataset.n_exp, mode)
@@ -370,7 +374,10 @@ def build_datasets(cfg: Any, mode: str, load_farl: bool, check: bool = True, rep
 
 
 def check_assets(kind: str, cfg: Any) -> list[str]:
-    """Everything ``--dry-run`` verifies; raises on the first broken asset, else returns a report."""
+    """Everything ``--dry-run`` verifies; raises on the first broken asset, else returns a report.
+
+    With ``diffusion.normalize`` it also fills the target statistics (:func:`fill_target_stats`)
+    from the training set it has just indexed, so that the model can be built."""
     report = []
     for key, rel in (("arcface.weights", cfg.arcface.weights),
                      ("farl.weights", getattr(getattr(cfg, "farl", None), "weights", None)
@@ -398,12 +405,16 @@ def check_assets(kind: str, cfg: Any) -> list[str]:
             v = _asset(cfg, "val.idrank_vertex_indices", cfg.val.idrank_vertex_indices)
             if v is not None:
                 report.append(f"val.idrank_vertex_indices: {v}")
-    mode = "expression" if kind == "expgen" else "identity"
+    mode = DATA_MODES[kind]
     ranked_val = kind == "idgen" and getattr(cfg.val, "idrank_checkpoint", None) is not None
     # (the crop side only matters when items are read; the check needs the images to exist)
     train, val = build_datasets(cfg, mode, load_farl=kind != "idgen", check=True,
                                 val_farl_size=224 if ranked_val else None)
     report.append(f"data.train: {len(train)} items" + (f", data.val: {len(val)} items" if val else ""))
+    if kind in ("idgen", "expgen") and cfg.diffusion.normalize:
+        fill_target_stats(cfg, kind, train)
+        report.append(f"diffusion.normalize: target std {min(cfg.diffusion.target_std):.3g}.."
+                      f"{max(cfg.diffusion.target_std):.3g} ({len(train)} training entries)")
     return report
 
 
@@ -424,12 +435,6 @@ def dry_run(kind: str, cfg: Any) -> list[str]:
         if ranker is not None:
             report.append(f"validation ranker: {sum(p.numel() for p in ranker.parameters())} parameters, "
                           f"{ranker.head.num_vertices} vertices (val/ranked_mm selects best.pt)")
-    if kind in ("idgen", "expgen") and cfg.diffusion.normalize:
-        train, _ = build_datasets(cfg, "identity" if kind == "idgen" else "expression", load_farl=False,
-                                  check=False)
-        fill_target_stats(cfg, kind, train)
-        report.append(f"diffusion.normalize: target std {min(cfg.diffusion.target_std):.3g}.."
-                      f"{max(cfg.diffusion.target_std):.3g} ({len(train)} training entries)")
     model = build_model(kind, cfg, load_weights=True)
     n = sum(p.numel() for p in model.parameters())
     t = sum(p.numel() for p in model.parameters() if p.requires_grad)
