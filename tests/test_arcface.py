@@ -89,8 +89,32 @@ def test_tiny_width_forward():
     y = m(torch.zeros(3, 3, 112, 112), normalize=True)
     assert y.shape == (3, 32)
     torch.testing.assert_close(y.norm(dim=1), torch.ones(3))
-    with pytest.raises(ValueError, match=r"\(B, 3, 112, 112\)"):
+    with pytest.raises(ValueError, match=r"\(B, 3, S, S\) with S >= 112"):
         m(torch.zeros(1, 3, 64, 64))
+
+
+def _area_average(x: torch.Tensor, out: int) -> torch.Tensor:
+    """Naive area resampling: output pixel i averages input rows floor(i*S/out)..ceil((i+1)*S/out)."""
+    S = x.shape[-1]
+    bins = [(i * S // out, -(-(i + 1) * S // out)) for i in range(out)]
+    y = torch.empty(*x.shape[:2], out, out)
+    for i, (r0, r1) in enumerate(bins):
+        for j, (c0, c1) in enumerate(bins):
+            y[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean((-2, -1))
+    return y
+
+
+def test_small_input_size_takes_the_112_crop_area_averaged():
+    torch.manual_seed(0)
+    m = IResNet(layers=(1, 1, 1, 1), width=8, num_features=16, input_size=64).eval()
+    assert m.fc.in_features == 8 * 8 * 4 * 4
+    crop = torch.rand(2, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(m(crop), m(_area_average(crop, 64)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="S >= 64"):
+        m(torch.zeros(1, 3, 48, 48))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        IResNet(layers=(1, 1, 1, 1), width=8, input_size=56)
 
 
 def test_l2_normalize_matches_reference():

@@ -106,6 +106,12 @@ def test_bad_values_exact_messages():
     with pytest.raises(ConfigError) as e:
         load_config(ExpGenTrainConfig, None, ["n_exp=20"])
     assert str(e.value) == "config key 'denoiser.dims' must start with n_exp + 3 = 23, got [53, 25, 10]"
+    with pytest.raises(ConfigError) as e:
+        load_config(IdGenTrainConfig, None, ["arcface.input_size=56"])
+    assert str(e.value) == "config key 'arcface.input_size' must be a multiple of 16 in [16, 112], got 56"
+    with pytest.raises(ConfigError) as e:
+        load_config(IdRankTrainConfig, None, ["ranker.mean_scale=-0.5"])
+    assert str(e.value) == "config key 'ranker.mean_scale' must be >= 0, got -0.5"
 
 
 def test_bad_override_syntax_and_missing_file(tmp_path):

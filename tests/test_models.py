@@ -31,7 +31,7 @@ def test_defaults_are_the_released_architectures():
     e = ExpGen()
     assert e.config["jaw_scale"] == 0.5 and e.config["dims"] == [53, 25, 10] and e.n_exp == 50
     r = IdRank()
-    assert r.config["in_dim"] == 10710 and r.num_vertices == 1785
+    assert r.config["in_dim"] == 10710 and r.num_vertices == 1785 and r.config["mean_scale"] == 1.0
 
 
 @pytest.mark.parametrize("cls,cfg", [
@@ -144,6 +144,16 @@ def test_idrank_features_loss_select():
         r.set_vertex_indices([1, 2])
     with pytest.raises(ConfigError, match="no vertex indices"):
         IdRank(in_dim=18, cond_dim=8, hidden=(16, 8), groups=4).features(verts)
+    # mean_scale: in the config, applied to the set-mean half only; a config without it
+    # (the released checkpoints) rebuilds the original features
+    r2 = IdRank.from_config({**r.config, "mean_scale": 0.1}, vertex_indices=[0, 5, 9])
+    assert r2.config["mean_scale"] == 0.1
+    torch.testing.assert_close(r2.features(verts)[..., :9], 0.1 * feats[..., :9])
+    torch.testing.assert_close(r2.features(verts)[..., 9:], feats[..., 9:])
+    legacy = {k: v for k, v in r.config.items() if k != "mean_scale"}
+    torch.testing.assert_close(IdRank.from_config(legacy, vertex_indices=[0, 5, 9]).features(verts), feats)
+    with pytest.raises(ConfigError, match="mean_scale must be >= 0"):
+        IdRank(in_dim=18, cond_dim=8, hidden=(16, 8), groups=4, mean_scale=-1.0)
 
 
 def test_idrank_learns_to_prefer_low_error_hypotheses():

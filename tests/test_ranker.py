@@ -142,3 +142,15 @@ def test_shape_errors():
         net(torch.zeros(2, 30), torch.zeros(2, 16))
     with pytest.raises(ValueError, match="cond must have shape"):
         net(torch.zeros(2, 3, 30), torch.zeros(1, 16))
+
+
+def test_mean_scale_weights_only_the_mean_half():
+    torch.manual_seed(0)
+    verts = 0.1 * torch.randn(2, 5, 9, 3)
+    idx = [1, 4, 7]
+    plain, scaled = rank_features(verts, idx), rank_features(verts, idx, mean_scale=0.05)
+    pts = 1e3 * verts[:, :, idx]
+    mean = pts.mean(1, keepdim=True)
+    torch.testing.assert_close(scaled[..., :9], (0.05 * mean).expand_as(pts).flatten(2))
+    torch.testing.assert_close(scaled[..., 9:], (pts - mean).flatten(2))
+    torch.testing.assert_close(scaled[..., 9:], plain[..., 9:])

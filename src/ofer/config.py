@@ -326,11 +326,15 @@ class ArcFaceConfig:
     freeze: Literal["none", "l2", "l3", "l4"] = "l4"
     weights: Optional[str] = "pretrained/arcface/glint360_r100/backbone.pth"
     lr: float = 1e-4
+    #: side the trunk sees; the 112 crops are area-averaged down to it (published models: 112)
+    input_size: int = 112
 
     def validate(self, p: str) -> None:
         _check(len(self.layers) == 4 and all(n >= 1 for n in self.layers), p + "layers",
                f"must be 4 positive block counts, got {self.layers}")
         _check(self.width >= 8, p + "width", f"must be >= 8, got {self.width}")
+        _check(16 <= self.input_size <= 112 and self.input_size % 16 == 0, p + "input_size",
+               f"must be a multiple of 16 in [16, 112], got {self.input_size}")
         _check(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
 
 
@@ -648,9 +652,13 @@ class RankerConfig:
     hidden: list[int] = field(default_factory=lambda: [4096, 1024, 256, 64])
     groups: int = 8
     temperature: float = 1.0
+    #: weight of the set-mean half of the features (1 = the original); a small value keeps
+    #: the absolute face coordinates (tens of mm) from drowning the residuals (a few mm)
+    mean_scale: float = 1.0
 
     def validate(self, p: str) -> None:
         _check(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
+        _check(self.mean_scale >= 0, p + "mean_scale", f"must be >= 0, got {self.mean_scale}")
         _check(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), p + "hidden",
                f"must hold >= 1 positive widths, got {self.hidden}")
         _check(self.groups >= 1 and all(h % self.groups == 0 for h in self.hidden), p + "groups",

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 #: expression frame x 1 render per identity (ExpGen), 48 held-out occluded test images, 128 px.
 WORLD_ARGS = ["--identities", "1500", "--images-per-identity", "2", "--expression-frames", "1",
               "--images-per-frame", "1", "--test-identities", "48", "--seed", "0", "--vertices", "2000",
-              "--size", "128", "--occlusion-prob", "0.3", "--shape-sigma", "2,1.5,0.3,0.3,0.3,2,2,1",
+              "--size", "128", "--occlusion-prob", "0.3", "--shape-sigma", "2,0.3,0.3,0.3,0.3,2,2,1",
               "--pose", "15,8,5", "--workers", "0"]
 
 

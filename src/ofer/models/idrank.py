@@ -30,6 +30,10 @@ class IdRank(nn.Module):
         cond_dim: condition width (1024 = [FaRL || ArcFace]).
         hidden, groups: :class:`~ofer.nets.RankMLP` architecture.
         temperature: ListNet target temperature (mm; 1 in the original).
+        mean_scale: weight of the set-mean half of the features (1 in the original). The
+            mean holds absolute face coordinates (tens of mm) shared by all N hypotheses; a
+            small weight keeps them from drowning the residuals (a few mm) that tell the
+            hypotheses apart, which a ranker trained from scratch needs.
         vertex_indices: the K vertex indices (array, ``.npy`` / ``FLAME_masks.pkl``-style
             file or dict with a ``"face"`` entry, see
             :func:`~ofer.nets.rank_mlp.load_vertex_indices`). They are stored in the
@@ -46,17 +50,21 @@ class IdRank(nn.Module):
         "hidden": (4096, 1024, 256, 64),
         "groups": 8,
         "temperature": 1.0,
+        "mean_scale": 1.0,
     }
     vertex_indices: Tensor
 
     def __init__(self, in_dim: int = 10710, cond_dim: int = 1024,
                  hidden: Sequence[int] = (4096, 1024, 256, 64), groups: int = 8,
-                 temperature: float = 1.0, vertex_indices=None) -> None:
+                 temperature: float = 1.0, mean_scale: float = 1.0, vertex_indices=None) -> None:
         super().__init__()
         if in_dim % 6:
             raise ConfigError(f"IdRank in_dim must be 6 * (number of vertices), got {in_dim}")
         self.net = RankMLP(in_dim, cond_dim, hidden, groups)
         self.temperature = float(temperature)
+        if mean_scale < 0:
+            raise ConfigError(f"IdRank mean_scale must be >= 0, got {mean_scale}")
+        self.mean_scale = float(mean_scale)
         self.register_buffer("vertex_indices", torch.full((in_dim // 6,), -1, dtype=torch.long))
         if vertex_indices is not None:
             self.set_vertex_indices(vertex_indices)
@@ -70,7 +78,7 @@ class IdRank(nn.Module):
         """Plain dict of the architecture; :meth:`from_config` rebuilds it."""
         return {"in_dim": self.net.in_dim, "cond_dim": self.net.cond_dim,
                 "hidden": list(self.net.hidden), "groups": self.net.groups,
-                "temperature": self.temperature}
+                "temperature": self.temperature, "mean_scale": self.mean_scale}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], vertex_indices=None) -> "IdRank":
@@ -92,8 +100,9 @@ class IdRank(nn.Module):
         return self.vertex_indices
 
     def features(self, vertices: Tensor) -> Tensor:
-        """(B, N, V, 3) vertices in metres -> (B, N, in_dim) ``[mean || hyp - mean]`` in mm."""
-        return rank_features(vertices, self._indices())
+        """(B, N, V, 3) vertices in metres -> (B, N, in_dim)
+        ``[mean_scale * mean || hyp - mean]`` in mm."""
+        return rank_features(vertices, self._indices(), self.mean_scale)
 
     def forward(self, features: Tensor, cond: Tensor) -> Tensor:
         """Scores (B, N) for features (B, N, in_dim) and conditions (B, C)."""

@@ -108,7 +108,9 @@ class IResNet(nn.Module):
             the originals let their running statistics drift).
         skip_bn1d_for_batch1: skip ``features`` (BatchNorm1d) when the batch size is 1, the
             MICA/OFER quirk needed to reproduce the released IdRank (default False).
-        input_size: side of the square input (112); only used to size ``fc``.
+        input_size: side of the square input the trunk sees (112 in every published model;
+            it sizes ``fc``). Larger inputs are area-averaged down to it, so a small CPU
+            encoder (e.g. 64) can take the standard 112 crops at a third of the cost.
 
     Input: ``(B, 3, 112, 112)`` float32 in [-1, 1] (``(pixel - 127.5) / 127.5``).
     Output: ``(B, num_features)`` float32, *not* normalised unless ``normalize=True``.
@@ -211,16 +213,19 @@ class IResNet(nn.Module):
         """Embed aligned faces.
 
         Args:
-            x: ``(B, 3, S, S)`` float, S = ``input_size`` (112), values in [-1, 1].
+            x: ``(B, 3, S, S)`` float, values in [-1, 1]; S = ``input_size`` (112), or a
+                larger S that is area-averaged down to ``input_size`` first (a small encoder
+                fed the standard 112 crop).
             normalize: return the L2-normalised embedding.
 
         Returns:
             ``(B, num_features)`` float tensor.
         """
-        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != self.input_size or x.shape[3] != self.input_size:
-            raise ValueError(
-                f"IResNet expects input (B, 3, {self.input_size}, {self.input_size}), got {tuple(x.shape)}"
-            )
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != x.shape[3] or x.shape[2] < self.input_size:
+            raise ValueError(f"IResNet expects input (B, 3, S, S) with S >= {self.input_size} "
+                             f"(input_size), got {tuple(x.shape)}")
+        if x.shape[2] != self.input_size:  # e.g. a 112 crop into a small demo encoder
+            x = F.adaptive_avg_pool2d(x, self.input_size)
         depth = _FREEZE_DEPTH[self.freeze]
         if depth:
             with torch.no_grad():

@@ -138,12 +138,14 @@ def _as_index(indices, device: torch.device) -> Tensor:
     return torch.as_tensor(np.asarray(indices), dtype=torch.long, device=device)
 
 
-def rank_features(vertices: Tensor, indices: Tensor | np.ndarray | Sequence[int]) -> Tensor:
+def rank_features(vertices: Tensor, indices: Tensor | np.ndarray | Sequence[int],
+                  mean_scale: float = 1.0) -> Tensor:
     """The ranker input: ``[mean || hypothesis - mean]`` of the selected vertices in mm.
 
     Args:
         vertices: (B, N, V, 3) FLAME vertices of N hypotheses per image, in metres.
         indices: (K,) vertex indices (e.g. the 1785 front-face vertices).
+        mean_scale: factor on the mean half (1 in the original).
 
     Returns:
         (B, N, 6K): per hypothesis ``[M (K x 3, xyz interleaved) || P_n - M]`` with
@@ -154,7 +156,7 @@ def rank_features(vertices: Tensor, indices: Tensor | np.ndarray | Sequence[int]
     idx = _as_index(indices, vertices.device)
     pts = 1e3 * vertices[:, :, idx]  # (B, N, K, 3) mm
     mean = pts.mean(dim=1, keepdim=True)
-    feats = torch.cat([mean.expand_as(pts), pts - mean], dim=2)  # (B, N, 2K, 3)
+    feats = torch.cat([(mean_scale * mean).expand_as(pts), pts - mean], dim=2)  # (B, N, 2K, 3)
     return feats.flatten(2)
 
 

@@ -56,7 +56,8 @@ def build_arcface(c: ArcFaceConfig, weights: Optional[Path]) -> torch.nn.Module:
     """IResNet with the configured depth/width/freeze; loads ``weights`` when given."""
     from ..nets.arcface import IResNet, load_arcface_state_dict
 
-    m = IResNet(layers=tuple(c.layers), width=c.width, freeze=None if c.freeze == "none" else c.freeze)
+    m = IResNet(layers=tuple(c.layers), width=c.width, freeze=None if c.freeze == "none" else c.freeze,
+                input_size=c.input_size)
     if weights is not None:
         load_arcface_state_dict(m, weights)
     return m
@@ -177,7 +178,8 @@ def head_config(kind: str, cfg: Any, num_vertices: Optional[int] = None) -> dict
             raise ValueError("the IdRank config needs num_vertices")
         r = cfg.ranker
         return {"in_dim": 6 * int(num_vertices), "cond_dim": 512 + cfg.farl.embed_dim,
-                "hidden": list(r.hidden), "groups": r.groups, "temperature": r.temperature}
+                "hidden": list(r.hidden), "groups": r.groups, "temperature": r.temperature,
+                "mean_scale": r.mean_scale}
     raise ValueError(kind)
 
 
