@@ -121,11 +121,14 @@ def test_params_follow_the_mica_convention(world):
 def test_test_split_ground_truth(world):
     info = json.loads((world / "world.json").read_text())
     ids = info["test"]["ids"]
-    assert ids == ["test0000_00", "test0001_00"]
+    assert ids == [f"test{i:04d}_00_{v}" for i in range(2) for v in ("clean", "occluded", "mouth")]
+    imgs = {tid: np.asarray(Image.open(world / "test" / "images" / f"{tid}.png")) for tid in ids}
     for tid in ids:
         kps = np.loadtxt(world / "test" / "images" / f"{tid}.kps.txt")
         assert kps.shape == (5, 2)
         gt = np.load(world / "test" / "gt" / f"{tid}.npz")
+        scene, variant = tid.rsplit("_", 1)
+        assert str(gt["scene"]) == scene and str(gt["variant"]) == variant
         assert gt["shape_coeffs"].shape == (300,) and gt["exp_coeffs"].shape == (100,)
         assert gt["jaw_pose"].shape == (3,) and gt["global_pose"].shape == (3,)
         V = gt["vertices"].shape[0]
@@ -133,9 +136,20 @@ def test_test_split_ground_truth(world):
         assert (gt["vertex_visible"] <= gt["vertex_in_render"]).all()
         np.testing.assert_allclose(gt["kps"], kps, atol=1e-3)
         mask = np.asarray(Image.open(world / "test" / "gt" / f"{tid}_mask.png")) > 127
-        assert mask.any()  # test images are always occluded
         assert 0.0 <= float(gt["occluded_fraction"]) <= 1.0
-        assert str(gt["occluder"]) != ""
+        # the variants of a scene are one render: identical outside the occluder, same geometry
+        clean = np.load(world / "test" / "gt" / f"{scene}_clean.npz")
+        np.testing.assert_array_equal(imgs[tid][~mask], imgs[f"{scene}_clean"][~mask])
+        for key in ("vertices", "kps", "camera_R", "exp_coeffs", "jaw_pose", "vertex_in_render"):
+            np.testing.assert_array_equal(gt[key], clean[key])
+        if variant == "clean":
+            assert not mask.any() and float(gt["occluded_fraction"]) == 0.0 and str(gt["occluder"]) == ""
+            assert not bool(gt["mouth_occluded"])
+            np.testing.assert_array_equal(gt["vertex_visible"], gt["vertex_in_render"])
+        else:
+            assert mask.any() and float(gt["occluded_fraction"]) > 0.0 and str(gt["occluder"]) != ""
+        if variant == "mouth":
+            assert str(gt["occluder"]) == "facemask" and bool(gt["mouth_occluded"])
         # the stored camera, vertices, mask and visibility agree with each other
         pc = gt["vertices"].astype(np.float64) @ gt["camera_R"].T.astype(np.float64) + gt["camera_t"]
         K = gt["camera_K"].astype(np.float64)

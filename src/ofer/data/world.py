@@ -16,8 +16,12 @@ No licensed asset is needed. A world holds
   ``{actor: ([image relpaths], npz relpath)}`` as MICA's lists (split by identity);
 * ``<NAME>/arcface_input/<actor>/<img>.jpg`` (224 crop) and ``.npy`` (ArcFace input), made by the
   preprocessing step from the renders and their keypoint sidecars;
-* ``test/``: occluded renders of held-out identities with expressions, each with a ground-truth
-  ``gt/<id>.npz`` (coefficients, visibility, occlusion statistics) and ``gt/<id>_mask.png``;
+* ``test/``: renders of held-out identities with expressions, each with a ground-truth
+  ``gt/<id>.npz`` (coefficients, visibility, occlusion statistics) and ``gt/<id>_mask.png``.
+  Every test scene (identity, expression, pose, camera, light, background) is written in
+  :data:`TEST_VARIANTS`: ``clean`` (no occluder), ``occluded`` (a random occluder) and
+  ``mouth`` (a face mask over nose tip, mouth and chin), ``test<i>_<j>_<variant>``; so the
+  effect of an occluder can be measured on otherwise identical images;
 * ``world.json``: seed, counts, splits, prior, scene and camera.
 
 Everything is a pure function of the arguments: the same seed gives the same bytes.
@@ -164,7 +168,7 @@ class SceneConfig:
     image width spanned by the head diameter. yaw/pitch/roll: head rotation ranges (degrees,
     applied as FLAME ``global_pose``). shift: random image-plane shift (fraction of the head size).
     ambient/diffuse: ranges of the Lambert terms. occlusion: occluders of the training images
-    (the test images are always occluded, with the same kinds and areas).
+    (the ``occluded`` test variant always gets one, of the same kinds and areas).
     """
 
     size: int = 256
@@ -197,7 +201,8 @@ class WorldConfig:
 
     identities / images_per_identity: WORLDID actors and renders each.
     expression_frames / images_per_frame: WORLDEXP frames per training identity, renders each.
-    test_identities / test_images_per_identity: held-out identities and their test images.
+    test_identities / test_images_per_identity: held-out identities and their test scenes
+    (each written in the :data:`TEST_VARIANTS`).
     val_fraction: share of the identities listed in the ``_VAL`` files (at least one when
     there are two or more identities). id_expression_scale: the identity renders carry a
     random expression shrunk by this factor (0 = neutral faces). vertices: approximate vertex
@@ -249,7 +254,8 @@ class FaceSample:
     vertex_visible: (V,) bool, in_render and the pixel it projects to is not under the occluder;
     occluded_fraction: share of the face-region pixels covered by the occluder;
     mouth_occluded: at least half of the 20 mouth landmarks lie under the occluder;
-    occluder: kind of occluder or None; camera: the camera; vertices: (V,3) float32 as rendered.
+    occluder: kind of occluder or None; camera: the camera; vertices: (V,3) float32 as rendered;
+    face_id: (H,W) int triangle index per pixel (-1 = background), to re-occlude the clean image.
     """
 
     image: np.ndarray
@@ -266,6 +272,12 @@ class FaceSample:
     camera: Camera
     vertices: np.ndarray
     global_pose: np.ndarray
+    face_id: np.ndarray | None = None
+
+
+#: The variants every test scene is written in: no occluder, a random occluder (the scene's
+#: kinds and areas), a face mask over nose tip, mouth and chin.
+TEST_VARIANTS: tuple[str, ...] = ("clean", "occluded", "mouth")
 
 
 class FaceRenderer:
@@ -433,6 +445,17 @@ class FaceRenderer:
             samples.append(self._finish(r.face_id[b], clean, occ, lm2s[b], kps, verts[b], cams[b], poses[b]))
         return samples
 
+    def reocclude(self, sample: FaceSample, rng: np.random.Generator,
+                  occlusion: OcclusionConfig | None) -> FaceSample:
+        """The same render with another occluder (``None``: none), drawn from ``rng``."""
+        if occlusion is None:
+            occlusion, force = OcclusionConfig(prob=0.0), False
+        else:
+            force = True
+        occ = occlude_with_info(sample.clean, rng, occlusion, kps=sample.kps, force=force)
+        return self._finish(sample.face_id, sample.clean, occ, sample.landmarks2d, sample.kps,
+                            sample.vertices, sample.camera, sample.global_pose)
+
     def _finish(self, fid, clean, occ, lm2, kps, verts, cam, pose) -> FaceSample:
         head = fid >= 0
         mask = occ.mask
@@ -459,7 +482,7 @@ class FaceRenderer:
             image=occ.image, clean=clean, occluder_mask=mask, face_mask=head, kps=kps.astype(np.float32),
             landmarks2d=lm2.astype(np.float32), vertex_in_render=in_render, vertex_visible=visible,
             occluded_fraction=occ_frac, mouth_occluded=mouth_occ, occluder=occ.kind, camera=cam,
-            vertices=verts.astype(np.float32), global_pose=np.asarray(pose, np.float32),
+            vertices=verts.astype(np.float32), global_pose=np.asarray(pose, np.float32), face_id=fid,
         )
 
 
@@ -720,36 +743,44 @@ def _run_job(job: tuple[str, int]) -> dict:
 
 def _run_test_job(root: Path, cfg: WorldConfig, fr: FaceRenderer, i: int, result: dict) -> None:
     occ = cfg.scene.occlusion
-    test_cfg = OcclusionConfig(prob=1.0, area=occ.area, kinds=occ.kinds, textures=occ.textures)
+    variants = {
+        "clean": None,
+        "occluded": OcclusionConfig(prob=1.0, area=occ.area, kinds=occ.kinds, textures=occ.textures),
+        "mouth": OcclusionConfig(prob=1.0, area=(0.05, 1.0), kinds=("facemask",), textures=occ.textures),
+    }
     g = _rng(cfg.seed, _S_TEST, i)
     shape = cfg.prior.sample_identity(g)
     albedo = fr.sample_albedo(g)
     T = cfg.test_images_per_identity
     exps, jaws = zip(*(cfg.prior.sample_expression(g) for _ in range(T)))
     exps_a, jaws_a = np.stack(exps), np.stack(jaws)
-    samples = fr.render_batch(g, np.tile(shape, (T, 1)), exps_a, jaws_a, albedo, occlusion=test_cfg,
-                              force_occlusion=True)
+    scenes = fr.render_batch(g, np.tile(shape, (T, 1)), exps_a, jaws_a, albedo,
+                             occlusion=OcclusionConfig(prob=0.0))
     with torch.no_grad():
         neutral = fr.flame(shape_coeffs=torch.as_tensor(shape[None])).vertices[0].numpy()
     ids = []
-    for j, smp in enumerate(samples):
-        tid = f"test{i:04d}_{j:02d}"
-        ids.append(tid)
-        _write(root / "test" / "images" / f"{tid}.png", _png_bytes(smp.image))
-        _write(root / "test" / "images" / f"{tid}.kps.txt", _kps_text(smp.kps))
-        _write(root / "test" / "gt" / f"{tid}_mask.png", _png_bytes((smp.occluder_mask * 255).astype(np.uint8)))
-        cam = smp.camera
-        _write(root / "test" / "gt" / f"{tid}.npz", _npz_bytes(
-            shape_coeffs=shape.astype(np.float32), exp_coeffs=exps_a[j].astype(np.float32),
-            jaw_pose=jaws_a[j].astype(np.float32), global_pose=smp.global_pose,
-            neck_pose=np.zeros(3, np.float32), eye_pose=np.zeros(6, np.float32),
-            vertex_visible=smp.vertex_visible, vertex_in_render=smp.vertex_in_render,
-            occluded_fraction=np.float32(smp.occluded_fraction), mouth_occluded=np.bool_(smp.mouth_occluded),
-            occluder=np.array(smp.occluder or ""), kps=smp.kps, landmarks2d=smp.landmarks2d,
-            vertices=smp.vertices, vertices_neutral=neutral.astype(np.float32),
-            camera_K=cam.K.astype(np.float32), camera_R=cam.R.astype(np.float32),
-            camera_t=cam.t.astype(np.float32),
-        ))
+    for j, scene in enumerate(scenes):
+        for variant in TEST_VARIANTS:
+            smp = fr.reocclude(scene, g, variants[variant])
+            tid = f"test{i:04d}_{j:02d}_{variant}"
+            ids.append(tid)
+            _write(root / "test" / "images" / f"{tid}.png", _png_bytes(smp.image))
+            _write(root / "test" / "images" / f"{tid}.kps.txt", _kps_text(smp.kps))
+            _write(root / "test" / "gt" / f"{tid}_mask.png",
+                   _png_bytes((smp.occluder_mask * 255).astype(np.uint8)))
+            cam = smp.camera
+            _write(root / "test" / "gt" / f"{tid}.npz", _npz_bytes(
+                shape_coeffs=shape.astype(np.float32), exp_coeffs=exps_a[j].astype(np.float32),
+                jaw_pose=jaws_a[j].astype(np.float32), global_pose=smp.global_pose,
+                neck_pose=np.zeros(3, np.float32), eye_pose=np.zeros(6, np.float32),
+                vertex_visible=smp.vertex_visible, vertex_in_render=smp.vertex_in_render,
+                occluded_fraction=np.float32(smp.occluded_fraction), mouth_occluded=np.bool_(smp.mouth_occluded),
+                occluder=np.array(smp.occluder or ""), kps=smp.kps, landmarks2d=smp.landmarks2d,
+                vertices=smp.vertices, vertices_neutral=neutral.astype(np.float32),
+                camera_K=cam.K.astype(np.float32), camera_R=cam.R.astype(np.float32),
+                camera_t=cam.t.astype(np.float32), scene=np.array(f"test{i:04d}_{j:02d}"),
+                variant=np.array(variant),
+            ))
     result["test_ids"] = ids
 
 
@@ -866,7 +897,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--expression-frames", type=int, default=2, help="WORLDEXP frames per identity (default 2)")
     p.add_argument("--images-per-frame", type=int, default=2, help="renders per expression frame (default 2)")
     p.add_argument("--test-identities", type=int, default=20, help="held-out identities (default 20)")
-    p.add_argument("--test-images-per-identity", type=int, default=1, help="test images each (default 1)")
+    p.add_argument("--test-images-per-identity", type=int, default=1, help="test scenes each, written clean, occluded and with a face mask (default 1)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     p.add_argument("--vertices", type=int, default=5023, help="approximate head vertex count (default 5023)")
