@@ -137,19 +137,29 @@ def test_demo_trains_side_by_side_and_reports_failures(tmp_path, monkeypatch):
     import ofer.demo as demo
 
     def fake_cmd(kind, script, root):
-        code = ("import os, pathlib, sys; p = pathlib.Path(sys.argv[1]); "
-                "p.write_text(os.environ.get('OMP_NUM_THREADS', '-')); sys.exit(3 if 'bad' in p.name else 0)")
+        # records its thread setting and the runs finished when it started; 'bad' fails
+        code = ("import os, pathlib, sys, time; p = pathlib.Path(sys.argv[1]); time.sleep(0.3); "
+                "done = sorted(f.name for f in p.parent.glob('.*.done')); "
+                "p.write_text(os.environ.get('OMP_NUM_THREADS', '-') + ' ' + ','.join(done)); "
+                "sys.exit(3 if 'bad' in p.name else 0)")
         return [sys.executable, "-c", code, str(root / f"{kind}.ran")]
 
     monkeypatch.setattr(demo, "_train_cmd", fake_cmd)
-    demo._train([("idgen", "x.py"), ("expgen", "y.py")], tmp_path, threads=1)
-    assert (tmp_path / "idgen.ran").read_text() == "1" and (tmp_path / "expgen.ran").read_text() == "1"
-    assert (tmp_path / ".idgen.done").is_file() and (tmp_path / ".expgen.done").is_file()
+    demo._train([("idgen", "x.py"), ("expgen", "y.py"), ("idrank", "z.py", "idgen")], tmp_path, threads=1)
+    assert (tmp_path / "idgen.ran").read_text().startswith("1 ")
+    assert (tmp_path / "expgen.ran").read_text().startswith("1 ")
+    # IdRank started only once IdGen was done
+    assert ".idgen.done" in (tmp_path / "idrank.ran").read_text()
+    assert all((tmp_path / f".{k}.done").is_file() for k in ("idgen", "expgen", "idrank"))
     # finished runs are skipped
     (tmp_path / "idgen.ran").unlink()
     demo._train([("idgen", "x.py")], tmp_path)
     assert not (tmp_path / "idgen.ran").exists()
-    # a failing run stops the demo, names itself and its log, and is not marked done
+    # a failing run stops the demo, names itself and its log, is not marked done, and what
+    # needs it does not start; an unrelated run still finishes
     with pytest.raises(SystemExit, match=r"training failed: bad \(exit 3, see .*bad\.log\)"):
-        demo._train([("bad", "z.py"), ("idrank", "w.py")], tmp_path)
-    assert not (tmp_path / ".bad.done").exists() and (tmp_path / ".idrank.done").is_file()
+        demo._train([("bad", "z.py"), ("later", "w.py", "bad"), ("other", "v.py")], tmp_path)
+    assert not (tmp_path / ".bad.done").exists() and not (tmp_path / "later.ran").exists()
+    assert (tmp_path / ".other.done").is_file()
+    with pytest.raises(SystemExit, match=r"orphan \(needs nothing_here, which is neither done nor in this list\)"):
+        demo._train([("orphan", "w.py", "nothing_here")], tmp_path)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -35,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 #: head poses stay within +-15/8/5 degrees. 1500 identities x 2 renders (IdGen, IdRank), one
 #: expression frame x 1 render per identity (ExpGen), 48 held-out occluded test images, 128 px.
 WORLD_ARGS = ["--identities", "1500", "--images-per-identity", "2", "--expression-frames", "1",
-              "--images-per-frame", "1", "--test-identities", "48", "--seed", "0", "--vertices", "2000",
+              "--images-per-frame", "1", "--test-identities", "24", "--seed", "0", "--vertices", "2000",
               "--size", "128", "--occlusion-prob", "0.3", "--shape-sigma", "2,0.3,0.3,0.3,0.3,2,2,1",
               "--pose", "15,8,5", "--workers", "0"]
 
@@ -54,34 +55,55 @@ def _train_cmd(kind: str, script: str, root: Path) -> list[str]:
             f"run_dir={root / kind}", "resume=true"]
 
 
-def _train(jobs: list[tuple[str, str]], root: Path, threads: int | None = None) -> None:
-    """Train the given ``(kind, script)`` runs at the same time (each skipped when done).
+def _train(jobs: list[tuple[str, str] | tuple[str, str, str]], root: Path, threads: int | None = None) -> None:
+    """Train the given ``(kind, script[, after])`` runs side by side (each skipped when done).
 
-    ``threads``: torch threads per run (OMP_NUM_THREADS); the tiny demo models run faster on
-    one thread each, side by side, than one after the other on two threads.
+    A run with ``after`` starts once that run has finished (IdRank needs the IdGen
+    checkpoint); the others start at once. ``threads``: torch threads per run
+    (OMP_NUM_THREADS); the tiny demo models run faster on one thread each, side by side,
+    than one after the other on two threads.
     """
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    procs = []
     t0 = time.perf_counter()
-    for kind, script in jobs:
-        if (root / f".{kind}.done").is_file():
-            print(f"[demo] {kind}: trained before ({root / kind}), skipped")
-            continue
-        cmd = _train_cmd(kind, script, root)
-        log = open(root / f"{kind}.log", "ab")
-        print(f"[demo] training {kind}: {' '.join(cmd[1:])} (log: {root / f'{kind}.log'})", flush=True)
-        procs.append((kind, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    failed = []
-    for kind, p, log in procs:
-        rc = p.wait()
-        log.close()
-        if rc != 0:
-            failed.append(f"{kind} (exit {rc}, see {root / f'{kind}.log'})")
-        else:
-            (root / f".{kind}.done").write_text("done\n")
-            print(f"[demo] training {kind} finished after {time.perf_counter() - t0:.1f} s", flush=True)
+    waiting = [(j[0], j[1], j[2] if len(j) > 2 else None) for j in jobs]
+    running: list[tuple[str, subprocess.Popen, Any]] = []
+    finished: set[str] = set()
+    failed: list[str] = []
+    while waiting or running:
+        for job in list(waiting):
+            kind, script, after = job
+            if after is not None and after not in finished:
+                continue
+            waiting.remove(job)
+            if (root / f".{kind}.done").is_file():
+                print(f"[demo] {kind}: trained before ({root / kind}), skipped")
+                finished.add(kind)
+                continue
+            cmd = _train_cmd(kind, script, root)
+            log = open(root / f"{kind}.log", "ab")
+            print(f"[demo] training {kind}: {' '.join(cmd[1:])} (log: {root / f'{kind}.log'})", flush=True)
+            running.append((kind, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        for item in list(running):
+            kind, p, log = item
+            rc = p.poll()
+            if rc is None:
+                continue
+            running.remove(item)
+            log.close()
+            if rc != 0:
+                failed.append(f"{kind} (exit {rc}, see {root / f'{kind}.log'})")
+                waiting = [w for w in waiting if w[2] != kind]  # what needs it cannot run
+            else:
+                (root / f".{kind}.done").write_text("done\n")
+                finished.add(kind)
+                print(f"[demo] training {kind} finished after {time.perf_counter() - t0:.1f} s", flush=True)
+        if running:
+            time.sleep(0.2)
+        elif waiting and all(w[2] is not None and w[2] not in finished for w in waiting):
+            failed += [f"{w[0]} (needs {w[2]}, which is neither done nor in this list)" for w in waiting]
+            break
     if failed:
         raise SystemExit(f"[demo] training failed: {', '.join(failed)}")
 
@@ -104,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _run([py, "-m", "ofer.data.world", "--output", str(world), *WORLD_ARGS], "building the synthetic world")
 
-    _train([("idgen", "trainIdGen.py"), ("expgen", "trainExpGen.py")], root, threads=1)
-    _train([("idrank", "trainIdRank.py")], root)
+    # IdRank samples the trained IdGen, so it starts when IdGen is done, while ExpGen still runs
+    _train([("idgen", "trainIdGen.py"), ("expgen", "trainExpGen.py"), ("idrank", "trainIdRank.py", "idgen")],
+           root, threads=1)
 
     samples = root / "samples"
     _run([py, "sample.py", "--input", str(world / "test" / "images"), "--output", str(samples),
