@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ofer.data.world import SceneConfig, WorldConfig, build_world
-from ofer.eval.world import spearman, world_report
+from ofer.eval.world import sign_test, spearman, world_report
 
 N_SHAPE, N_EXP, N, M = 20, 50, 16, 8
 
@@ -100,6 +100,7 @@ def test_occlusion_and_diversity_checks_follow_the_data(world, tmp_path):
         assert s["occlusion_pairs"] == 12 and s["mouth_pairs"] == 12
         assert s["checks"]["error_grows_with_occlusion"] is (sign > 0)
         assert (s["occlusion_error_increase_fraction"] == 1.0) is (sign > 0)
+        assert (s["occlusion_sign_test_p"] == pytest.approx(0.5 ** 12)) is (sign > 0)
         assert (s["spearman_occlusion_vs_ranked_error"] > 0.9) is (sign > 0)
         assert s["checks"]["more_expression_diversity_when_mouth_occluded"] is (sign > 0)
 
@@ -119,6 +120,15 @@ def test_paired_checks_see_through_scene_to_scene_spread(world, tmp_path):
     s = world_report(tmp_path, world)["summary"]
     assert s["checks"]["error_grows_with_occlusion"]
     assert s["occlusion_error_increase_fraction"] == 1.0
+
+
+def test_sign_test_against_binomial_counts():
+    # 8 of 10 positive: (C(10,8) + C(10,9) + C(10,10)) / 2^10 = 56 / 1024
+    d = np.array([1, 2, 3, 4, 5, 6, 7, 8, -1, -2], float)
+    assert sign_test(d) == pytest.approx(56 / 1024)
+    assert sign_test(-d) == pytest.approx(1 - 11 / 1024)  # at least 2 of 10: 1 - P(0) - P(1)
+    assert sign_test(np.array([0.0, 0.0, 1.0])) == pytest.approx(0.5)  # zeros are dropped
+    assert np.isnan(sign_test(np.zeros(3)))
 
 
 def test_spearman_against_naive():

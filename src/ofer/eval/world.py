@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import torch
 
 from ..errors import OferError
 
-__all__ = ["world_report", "format_report", "spearman"]
+__all__ = ["world_report", "format_report", "spearman", "sign_test"]
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -56,6 +57,19 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     if rx.std() == 0 or ry.std() == 0:
         return float("nan")
     return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def sign_test(diffs: np.ndarray) -> float:
+    """One-sided sign test: P(at least k of the n non-zero differences positive | fair coin).
+
+    Small values say the positive differences are unlikely to be chance; nan without data.
+    """
+    d = np.asarray(diffs, float)
+    d = d[d != 0]
+    n, k = int(d.size), int((d > 0).sum())
+    if n == 0:
+        return float("nan")
+    return float(sum(math.comb(n, i) for i in range(k, n + 1)) / 2.0 ** n)
 
 
 def world_report(samples_dir: str | Path, world_dir: str | Path, device: str = "cpu") -> dict[str, Any]:
@@ -152,11 +166,13 @@ def world_report(samples_dir: str | Path, world_dir: str | Path, device: str = "
         "occlusion_pairs": int(len(occ_diff)),
         "occlusion_error_increase_mm": mean(occ_diff),
         "occlusion_error_increase_fraction": mean(occ_diff > 0),
+        "occlusion_sign_test_p": sign_test(occ_diff),
         "lips_expression_std_mouth_occluded_mm": mean(lips[mouth]),
         "lips_expression_std_mouth_visible_mm": mean(lips[~mouth]),
         "mouth_pairs": int(len(mouth_diff)),
         "lips_expression_std_increase_mm": mean(mouth_diff),
         "lips_expression_std_increase_fraction": mean(mouth_diff > 0),
+        "mouth_sign_test_p": sign_test(mouth_diff),
         "images_mouth_occluded": int(mouth.sum()),
     }
     # without pairs (a world of unrelated images) the checks fall back to unpaired means
@@ -196,14 +212,16 @@ def format_report(rep: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:.3f} mm" for k, v in s["ranked_error_by_variant_mm"].items())
         + f". On {s['occlusion_pairs']} scenes rendered with and without an occluder the occluder adds "
         f"{s['occlusion_error_increase_mm']:.3f} mm (error grows on "
-        f"{100 * s['occlusion_error_increase_fraction']:.0f}% of them); Spearman correlation of occluded "
+        f"{100 * s['occlusion_error_increase_fraction']:.0f}% of them, sign test p = "
+        f"{s['occlusion_sign_test_p']:.3f}); Spearman correlation of occluded "
         f"face share and ranked error {s['spearman_occlusion_vs_ranked_error']:.2f}.",
         "",
         f"Expression diversity (per-vertex std of the M ExpGen samples on the lips): "
         f"{s['lips_expression_std_mouth_occluded_mm']:.3f} mm with the mouth occluded vs "
         f"{s['lips_expression_std_mouth_visible_mm']:.3f} mm with it visible; on {s['mouth_pairs']} scenes "
         f"rendered both ways, covering the mouth adds {s['lips_expression_std_increase_mm']:.3f} mm "
-        f"(on {100 * s['lips_expression_std_increase_fraction']:.0f}% of them).",
+        f"(on {100 * s['lips_expression_std_increase_fraction']:.0f}% of them, sign test p = "
+        f"{s['mouth_sign_test_p']:.3f}).",
         "",
         "| check | holds |",
         "|---|---|",
