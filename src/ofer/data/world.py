@@ -448,6 +448,8 @@ class FaceRenderer:
     def reocclude(self, sample: FaceSample, rng: np.random.Generator,
                   occlusion: OcclusionConfig | None) -> FaceSample:
         """The same render with another occluder (``None``: none), drawn from ``rng``."""
+        if sample.face_id is None:
+            raise ValueError("reocclude needs a sample from render_batch (it carries the face-id buffer)")
         if occlusion is None:
             occlusion, force = OcclusionConfig(prob=0.0), False
         else:
