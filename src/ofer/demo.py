@@ -4,7 +4,8 @@
    training layout;
 2. train small IdGen, ExpGen and IdRank models with the real training scripts and the
    configs in ``configs/demo/``;
-3. run ``sample.py`` on the world's held-out occluded test renders;
+3. run ``sample.py`` on the world's held-out test renders (each scene clean, with a random
+   occluder and with a face mask);
 4. write previews and a report with the learning evidence (``ofer.eval.world``).
 
 Every step is cached: a re-run skips what is complete (the world, each finished training
@@ -32,9 +33,10 @@ REPO = Path(__file__).resolve().parents[2]
 #: World of the demo. Many identities with few small renders each: the tiny encoders are trained
 #: from scratch and must generalise to held-out identities (300 identities did not suffice for a
 #: plain regression of the shape from the crops). The identity prior puts its variance on 8
-#: coefficients, most of it on those an aligned crop shows (head width and two local ones);
-#: head poses stay within +-15/8/5 degrees. 1500 identities x 2 renders (IdGen, IdRank), one
-#: expression frame x 1 render per identity (ExpGen), 48 held-out occluded test images, 128 px.
+#: coefficients, most of it on those an aligned crop shows (head width and two local ones; not
+#: the head height, which the 5-point alignment scales away); head poses stay within
+#: +-15/8/5 degrees. 1500 identities x 2 renders (IdGen, IdRank), one expression frame x 1
+#: render per identity (ExpGen), 24 held-out test scenes x 3 variants, 128 px.
 WORLD_ARGS = ["--identities", "1500", "--images-per-identity", "2", "--expression-frames", "1",
               "--images-per-frame", "1", "--test-identities", "24", "--seed", "0", "--vertices", "2000",
               "--size", "128", "--occlusion-prob", "0.3", "--shape-sigma", "2,0.3,0.3,0.3,0.3,2,2,1",
