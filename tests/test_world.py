@@ -272,6 +272,19 @@ def test_per_coefficient_identity_std():
         HeadPrior(shape_active=2, shape_sigma=(1.0, -1.0))
 
 
+def test_per_coefficient_expression_std():
+    p = HeadPrior(exp_active=3, exp_sigma=(2.0, 0.0, 0.5), jaw_open=(0.1, 0.3))
+    rng = np.random.default_rng(4)
+    exps, jaws = map(np.stack, zip(*(p.sample_expression(rng) for _ in range(4000))))
+    assert not exps[:, 3:].any() and not exps[:, 1].any()
+    np.testing.assert_allclose(exps[:, [0, 2]].std(0), [2.0, 0.5], rtol=0.05)
+    assert 0.1 <= jaws[:, 0].min() and jaws[:, 0].max() <= 0.3
+    with pytest.raises(ConfigError, match=r"prior.exp_sigma must be one number or 3 numbers"):
+        HeadPrior(exp_active=3, exp_sigma=(1.0, 1.0))
+    with pytest.raises(ConfigError, match=">= 0"):
+        HeadPrior(exp_active=2, exp_sigma=(1.0, -1.0))
+
+
 def test_cli_prior_and_pose_options(tmp_path, capsys):
     out = tmp_path / "opts"
     args = ["--output", str(out), "--identities", "2", "--images-per-identity", "1", "--expression-frames", "0",
@@ -288,3 +301,16 @@ def test_cli_prior_and_pose_options(tmp_path, capsys):
     assert "--pose expects YAW,PITCH,ROLL" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(args[:-6] + ["--shape-sigma", "a,b"])
+    # expression prior: per-coefficient std (sets the count), jaw range
+    assert main(args + ["--exp-sigma", "1.5,0,0.5,0.5", "--jaw-open", "0.1,0.2", "--expression-frames", "1",
+                        "--test-occlusion-area", "0.4,0.6", "--overwrite"]) == 0
+    cfg = json.loads((out / "world.json").read_text())["config"]
+    assert cfg["prior"]["exp_active"] == 4 and cfg["prior"]["exp_sigma"] == [1.5, 0.0, 0.5, 0.5]
+    assert cfg["prior"]["jaw_open"] == [0.1, 0.2] and cfg["test_occlusion_area"] == [0.4, 0.6]
+    frames = [np.load(p) for p in sorted((out / "WORLDEXP" / "FLAME_parameters").rglob("*.npz"))]
+    assert frames and all(f["betas"][300] != 0 and f["betas"][301] == 0 and not f["betas"][304:].any()
+                          and 0.1 <= f["pose"][6] <= 0.2 for f in frames)
+    assert main(args + ["--jaw-open", "0.3,0.1", "--overwrite"]) == 2
+    assert "prior.jaw_open must satisfy" in capsys.readouterr().err
+    assert main(args + ["--test-occlusion-area", "0,0.5", "--overwrite"]) == 2
+    assert "world.test_occlusion_area must be above 0" in capsys.readouterr().err

@@ -35,12 +35,17 @@ REPO = Path(__file__).resolve().parents[2]
 #: plain regression of the shape from the crops). The identity prior puts its variance on 8
 #: coefficients, most of it on those an aligned crop shows (head width and two local ones; not
 #: the head height, which the 5-point alignment scales away); head poses stay within
-#: +-15/8/5 degrees. 1500 identities x 2 renders (IdGen, IdRank), one expression frame x 1
-#: render per identity (ExpGen), 24 held-out test scenes x 3 variants, 128 px.
-WORLD_ARGS = ["--identities", "1500", "--images-per-identity", "2", "--expression-frames", "1",
-              "--images-per-frame", "1", "--test-identities", "24", "--seed", "0", "--vertices", "2000",
+#: +-15/8/5 degrees. The expression prior varies the five mouth, brow and eye coefficients and
+#: opens the jaw up to 0.35 rad, so a visible mouth tells ExpGen much (the identity renders
+#: carry a quarter of such an expression). 1500 identities x 2 renders (IdGen, IdRank), one
+#: expression frame x 1 render per identity (ExpGen), 24 held-out test scenes x 3 variants
+#: (``--identities`` / ``--test-scenes`` change the two counts), 128 px.
+IDENTITIES, TEST_SCENES = 1500, 24
+WORLD_ARGS = ["--images-per-identity", "2", "--expression-frames", "1",
+              "--images-per-frame", "1", "--seed", "0", "--vertices", "2000",
               "--size", "128", "--occlusion-prob", "0.3", "--shape-sigma", "2,0.3,0.3,0.3,0.3,2,2,1",
-              "--pose", "15,8,5", "--workers", "0"]
+              "--pose", "15,8,5", "--exp-sigma", "2,2,1,1,2", "--jaw-open", "0,0.35", "--id-expression-scale", "0.25",
+              "--workers", "0"]
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -114,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ofer.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="runs/demo", help="folder for the world, runs, samples and report")
     ap.add_argument("--fresh", action="store_true", help="delete the folder first and start over")
+    ap.add_argument("--identities", type=int, default=IDENTITIES,
+                    help=f"training identities of the world (default {IDENTITIES})")
+    ap.add_argument("--test-scenes", type=int, default=TEST_SCENES,
+                    help=f"held-out test scenes, each rendered in 3 variants (default {TEST_SCENES})")
     args = ap.parse_args(argv)
     root = (REPO / args.root).resolve() if not Path(args.root).is_absolute() else Path(args.root)
     if args.fresh and root.exists():
@@ -124,9 +133,15 @@ def main(argv: list[str] | None = None) -> int:
 
     world = root / "world"
     if (world / "world.json").is_file():
+        built = json.loads((world / "world.json").read_text())["config"]
+        if (built["identities"], built["test_identities"]) != (args.identities, args.test_scenes):
+            raise SystemExit(f"[demo] {world} holds a world of {built['identities']} identities and "
+                             f"{built['test_identities']} test scenes, not {args.identities} and "
+                             f"{args.test_scenes}: add --fresh, or choose another --root")
         print(f"[demo] world: built before ({world}), skipped")
     else:
-        _run([py, "-m", "ofer.data.world", "--output", str(world), *WORLD_ARGS], "building the synthetic world")
+        _run([py, "-m", "ofer.data.world", "--output", str(world), "--identities", str(args.identities),
+              "--test-identities", str(args.test_scenes), *WORLD_ARGS], "building the synthetic world")
 
     # IdRank samples the trained IdGen, so it starts when IdGen is done, while ExpGen still runs
     _train([("idgen", "trainIdGen.py"), ("expgen", "trainExpGen.py"), ("idrank", "trainIdRank.py", "idgen")],

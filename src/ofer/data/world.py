@@ -19,8 +19,8 @@ No licensed asset is needed. A world holds
 * ``test/``: renders of held-out identities with expressions, each with a ground-truth
   ``gt/<id>.npz`` (coefficients, visibility, occlusion statistics) and ``gt/<id>_mask.png``.
   Every test scene (identity, expression, pose, camera, light, background) is written in
-  :data:`TEST_VARIANTS`: ``clean`` (no occluder), ``occluded`` (a random occluder) and
-  ``mouth`` (a face mask over nose tip, mouth and chin), ``test<i>_<j>_<variant>``; so the
+  :data:`TEST_VARIANTS`: ``clean`` (no occluder), ``occluded`` (a random occluder of
+  ``test_occlusion_area``, by default 30-70% of the face box) and ``mouth`` (a face mask over nose tip, mouth and chin), ``test<i>_<j>_<variant>``; so the
   effect of an occluder can be measured on otherwise identical images;
 * ``world.json``: seed, counts, splits, prior, scene and camera.
 
@@ -114,7 +114,8 @@ class HeadPrior:
 
     shape_active / shape_sigma: identity (beta) coefficients drawn, and their std (one number,
     or one per active coefficient: a world can vary mostly what a camera sees).
-    exp_active / exp_sigma: expression (psi) coefficients drawn (at most 50), and their std.
+    exp_active / exp_sigma: expression (psi) coefficients drawn (at most 50), and their std (one
+    number, or one per active coefficient).
     jaw_open: range of the jaw opening (rotation about x, radians; positive opens the mouth).
     jaw_side: std of the small sideways jaw rotation (about y, radians).
     """
@@ -122,7 +123,7 @@ class HeadPrior:
     shape_active: int = 20
     shape_sigma: float | tuple[float, ...] = 1.0
     exp_active: int = 10
-    exp_sigma: float = 1.0
+    exp_sigma: float | tuple[float, ...] = 1.0
     jaw_open: tuple[float, float] = (0.0, 0.25)
     jaw_side: float = 0.02
 
@@ -131,15 +132,19 @@ class HeadPrior:
             raise ConfigError(f"prior.shape_active must be in [0, {N_SHAPE}], got {self.shape_active!r}")
         if not (0 <= int(self.exp_active) <= 50):
             raise ConfigError(f"prior.exp_active must be in [0, 50], got {self.exp_active!r}")
-        if isinstance(self.shape_sigma, (int, float)):
-            sig = [float(self.shape_sigma)]
-        else:
-            sig = [float(v) for v in self.shape_sigma]
-            if len(sig) != int(self.shape_active):
-                raise ConfigError(f"prior.shape_sigma must be one number or {self.shape_active} numbers "
-                                  f"(one per active coefficient), got {len(sig)}")
-            object.__setattr__(self, "shape_sigma", tuple(sig))
-        if min(sig, default=0.0) < 0 or self.exp_sigma < 0 or self.jaw_side < 0:
+        sigmas = []
+        for name in ("shape", "exp"):
+            value, active = getattr(self, f"{name}_sigma"), int(getattr(self, f"{name}_active"))
+            if isinstance(value, (int, float)):
+                sig = [float(value)]
+            else:
+                sig = [float(v) for v in value]
+                if len(sig) != active:
+                    raise ConfigError(f"prior.{name}_sigma must be one number or {active} numbers "
+                                      f"(one per active coefficient), got {len(sig)}")
+                object.__setattr__(self, f"{name}_sigma", tuple(sig))
+            sigmas += sig
+        if min(sigmas, default=0.0) < 0 or self.jaw_side < 0:
             raise ConfigError("prior: standard deviations must be >= 0")
         object.__setattr__(self, "jaw_open", _check_range("prior.jaw_open", self.jaw_open, -0.5, 1.0))
 
@@ -153,7 +158,7 @@ class HeadPrior:
     def sample_expression(self, rng: np.random.Generator, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """``(exp_coeffs (100,), jaw_pose (3,))`` float32; ``scale`` shrinks the expression."""
         exp = np.zeros(N_EXP, np.float32)
-        exp[: self.exp_active] = scale * rng.normal(0.0, self.exp_sigma, self.exp_active)
+        exp[: self.exp_active] = scale * rng.normal(0.0, np.asarray(self.exp_sigma, np.float64), self.exp_active)
         jaw = np.zeros(3, np.float32)
         jaw[0] = scale * rng.uniform(*self.jaw_open)
         jaw[1] = scale * rng.normal(0.0, self.jaw_side)
@@ -168,7 +173,8 @@ class SceneConfig:
     image width spanned by the head diameter. yaw/pitch/roll: head rotation ranges (degrees,
     applied as FLAME ``global_pose``). shift: random image-plane shift (fraction of the head size).
     ambient/diffuse: ranges of the Lambert terms. occlusion: occluders of the training images
-    (the ``occluded`` test variant always gets one, of the same kinds and areas).
+    (the ``occluded`` test variant always gets one, of the same kinds; its area is the world's
+    ``test_occlusion_area``).
     """
 
     size: int = 256
@@ -202,7 +208,8 @@ class WorldConfig:
     identities / images_per_identity: WORLDID actors and renders each.
     expression_frames / images_per_frame: WORLDEXP frames per training identity, renders each.
     test_identities / test_images_per_identity: held-out identities and their test scenes
-    (each written in the :data:`TEST_VARIANTS`).
+    (each written in the :data:`TEST_VARIANTS`). test_occlusion_area: (min, max) area of the
+    ``occluded`` variant's occluder, a fraction of the face box (its kinds are the scene's).
     val_fraction: share of the identities listed in the ``_VAL`` files (at least one when
     there are two or more identities). id_expression_scale: the identity renders carry a
     random expression shrunk by this factor (0 = neutral faces). vertices: approximate vertex
@@ -217,6 +224,7 @@ class WorldConfig:
     images_per_frame: int = 2
     test_identities: int = 20
     test_images_per_identity: int = 1
+    test_occlusion_area: tuple[float, float] = (0.3, 0.7)
     seed: int = 0
     vertices: int = 5023
     flame_seed: int = 0
@@ -237,6 +245,10 @@ class WorldConfig:
             raise ConfigError(f"world.val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if int(self.vertices) < 500:
             raise ConfigError(f"world.vertices must be >= 500, got {self.vertices!r}")
+        area = _check_range("world.test_occlusion_area", self.test_occlusion_area, 0.0, 1.0)
+        if area[0] <= 0:
+            raise ConfigError(f"world.test_occlusion_area must be above 0, got {self.test_occlusion_area!r}")
+        object.__setattr__(self, "test_occlusion_area", area)
 
 
 # --------------------------------------------------------------------------- rendering faces
@@ -276,7 +288,7 @@ class FaceSample:
 
 
 #: The variants every test scene is written in: no occluder, a random occluder (the scene's
-#: kinds and areas), a face mask over nose tip, mouth and chin.
+#: kinds, ``WorldConfig.test_occlusion_area``), a face mask over nose tip, mouth and chin.
 TEST_VARIANTS: tuple[str, ...] = ("clean", "occluded", "mouth")
 
 
@@ -747,7 +759,7 @@ def _run_test_job(root: Path, cfg: WorldConfig, fr: FaceRenderer, i: int, result
     occ = cfg.scene.occlusion
     variants = {
         "clean": None,
-        "occluded": OcclusionConfig(prob=1.0, area=occ.area, kinds=occ.kinds, textures=occ.textures),
+        "occluded": OcclusionConfig(prob=1.0, area=cfg.test_occlusion_area, kinds=occ.kinds, textures=occ.textures),
         "mouth": OcclusionConfig(prob=1.0, area=(0.05, 1.0), kinds=("facemask",), textures=occ.textures),
     }
     g = _rng(cfg.seed, _S_TEST, i)
@@ -900,6 +912,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-frame", type=int, default=2, help="renders per expression frame (default 2)")
     p.add_argument("--test-identities", type=int, default=20, help="held-out identities (default 20)")
     p.add_argument("--test-images-per-identity", type=int, default=1, help="test scenes each, written clean, occluded and with a face mask (default 1)")
+    p.add_argument("--test-occlusion-area", type=_floats, default=(0.3, 0.7), metavar="MIN,MAX",
+                   help="occluder area of the 'occluded' test variant, fraction of the face box (default 0.3,0.7)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     p.add_argument("--vertices", type=int, default=5023, help="approximate head vertex count (default 5023)")
@@ -908,6 +922,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shape-sigma", type=_floats, default=None, metavar="S[,S...]",
                    help="std of the identity coefficients: one value, or one per coefficient (that many are "
                         "drawn; default 20 coefficients of std 1)")
+    p.add_argument("--exp-sigma", type=_floats, default=None, metavar="S[,S...]",
+                   help="std of the expression coefficients: one value, or one per coefficient (that many are "
+                        "drawn; default 10 coefficients of std 1)")
+    p.add_argument("--jaw-open", type=_floats, default=None, metavar="MIN,MAX",
+                   help="range of the jaw opening in radians (default 0,0.25)")
     p.add_argument("--pose", type=_floats, default=None, metavar="YAW,PITCH,ROLL",
                    help="head rotation ranges +- in degrees (default 35,15,12)")
     p.add_argument("--id-expression-scale", type=float, default=0.5,
@@ -930,11 +949,15 @@ def _floats(text: str) -> tuple[float, ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        prior = HeadPrior()
-        if args.shape_sigma is not None:
-            sig = args.shape_sigma
-            prior = HeadPrior(shape_active=len(sig) if len(sig) > 1 else prior.shape_active,
-                              shape_sigma=sig if len(sig) > 1 else sig[0])
+        kw: dict = {}
+        for name, sig in (("shape", args.shape_sigma), ("exp", args.exp_sigma)):
+            if sig is not None:  # several values set the number of active coefficients too
+                kw[f"{name}_sigma"] = sig if len(sig) > 1 else sig[0]
+                if len(sig) > 1:
+                    kw[f"{name}_active"] = len(sig)
+        if args.jaw_open is not None:
+            kw["jaw_open"] = args.jaw_open
+        prior = HeadPrior(**kw)
         pose = {}
         if args.pose is not None:
             if len(args.pose) != 3:
@@ -944,6 +967,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             identities=args.identities, images_per_identity=args.images_per_identity,
             expression_frames=args.expression_frames, images_per_frame=args.images_per_frame,
             test_identities=args.test_identities, test_images_per_identity=args.test_images_per_identity,
+            test_occlusion_area=args.test_occlusion_area,
             seed=args.seed, vertices=args.vertices, flame_seed=args.flame_seed, crops=not args.no_crops,
             id_expression_scale=args.id_expression_scale, prior=prior,
             scene=SceneConfig(size=args.size, occlusion=OcclusionConfig(prob=args.occlusion_prob), **pose),
