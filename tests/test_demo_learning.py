@@ -203,3 +203,16 @@ def test_demo_trains_side_by_side_and_reports_failures(tmp_path, monkeypatch):
     assert (tmp_path / ".other.done").is_file()
     with pytest.raises(SystemExit, match=r"orphan \(needs nothing_here, which is neither done nor in this list\)"):
         demo._train([("orphan", "w.py", "nothing_here")], tmp_path)
+
+
+def test_demo_refuses_a_cached_world_of_another_size(tmp_path):
+    import json
+
+    from ofer.demo import main
+
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "world.json").write_text(json.dumps({"config": {"identities": 600, "test_identities": 16}}))
+    with pytest.raises(SystemExit, match="holds a world of 600 identities and 16 test scenes, not 1500 and 24: add --fresh"):
+        main(["--root", str(tmp_path)])
+    assert (world / "world.json").is_file()  # nothing was deleted

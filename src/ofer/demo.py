@@ -35,17 +35,14 @@ REPO = Path(__file__).resolve().parents[2]
 #: plain regression of the shape from the crops). The identity prior puts its variance on 8
 #: coefficients, most of it on those an aligned crop shows (head width and two local ones; not
 #: the head height, which the 5-point alignment scales away); head poses stay within
-#: +-15/8/5 degrees. The expression prior varies the five mouth, brow and eye coefficients and
-#: opens the jaw up to 0.35 rad, so a visible mouth tells ExpGen much (the identity renders
-#: carry a quarter of such an expression). 1500 identities x 2 renders (IdGen, IdRank), one
+#: +-15/8/5 degrees. 1500 identities x 2 renders (IdGen, IdRank), one
 #: expression frame x 1 render per identity (ExpGen), 24 held-out test scenes x 3 variants
 #: (``--identities`` / ``--test-scenes`` change the two counts), 128 px.
 IDENTITIES, TEST_SCENES = 1500, 24
 WORLD_ARGS = ["--images-per-identity", "2", "--expression-frames", "1",
               "--images-per-frame", "1", "--seed", "0", "--vertices", "2000",
               "--size", "128", "--occlusion-prob", "0.3", "--shape-sigma", "2,0.3,0.3,0.3,0.3,2,2,1",
-              "--pose", "15,8,5", "--exp-sigma", "2,2,1,1,2", "--jaw-open", "0,0.35", "--id-expression-scale", "0.25",
-              "--workers", "0"]
+              "--pose", "15,8,5", "--workers", "0"]
 
 
 def _run(cmd: list[str], what: str) -> None:
