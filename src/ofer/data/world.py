@@ -20,8 +20,9 @@ No licensed asset is needed. A world holds
   ``gt/<id>.npz`` (coefficients, visibility, occlusion statistics) and ``gt/<id>_mask.png``.
   Every test scene (identity, expression, pose, camera, light, background) is written in
   :data:`TEST_VARIANTS`: ``clean`` (no occluder), ``occluded`` (a random occluder of
-  ``test_occlusion_area``, by default 30-70% of the face box) and ``mouth`` (a face mask over nose tip, mouth and chin), ``test<i>_<j>_<variant>``; so the
-  effect of an occluder can be measured on otherwise identical images;
+  ``test_occlusion_area``, by default 30-70% of the face box) and ``mouth`` (a face mask
+  over nose tip, mouth and chin), ``test<i>_<j>_<variant>``; so the effect of an occluder
+  can be measured on otherwise identical images;
 * ``world.json``: seed, counts, splits, prior, scene and camera.
 
 Everything is a pure function of the arguments: the same seed gives the same bytes.
@@ -911,7 +912,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--expression-frames", type=int, default=2, help="WORLDEXP frames per identity (default 2)")
     p.add_argument("--images-per-frame", type=int, default=2, help="renders per expression frame (default 2)")
     p.add_argument("--test-identities", type=int, default=20, help="held-out identities (default 20)")
-    p.add_argument("--test-images-per-identity", type=int, default=1, help="test scenes each, written clean, occluded and with a face mask (default 1)")
+    p.add_argument("--test-images-per-identity", type=int, default=1,
+                   help="test scenes each, written clean, occluded and with a face mask (default 1)")
     p.add_argument("--test-occlusion-area", type=_floats, default=(0.3, 0.7), metavar="MIN,MAX",
                    help="occluder area of the 'occluded' test variant, fraction of the face box (default 0.3,0.7)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")

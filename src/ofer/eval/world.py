@@ -38,10 +38,18 @@ import torch
 
 from ..errors import OferError
 
-__all__ = ["world_report", "format_report", "spearman", "paired_test", "ALPHA"]
+__all__ = ["world_report", "format_report", "spearman", "paired_test", "ALPHA", "CHECK_P"]
 
 #: a check holds when its effect is positive and its one-sided paired test gives p < ALPHA
 ALPHA = 0.05
+
+#: each check of the report and the summary key of its p-value
+CHECK_P = {
+    "ranked_below_mean_sample": "ranked_vs_mean_sample_p",
+    "ranked_below_mean_shape": "ranked_vs_mean_shape_p",
+    "error_grows_with_occlusion": "occlusion_p",
+    "more_expression_diversity_when_mouth_occluded": "mouth_p",
+}
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -206,15 +214,10 @@ def world_report(samples_dir: str | Path, world_dir: str | Path, device: str = "
         "alpha": ALPHA,
     }
 
-    def holds(p: float, effect: float) -> bool:  # a positive effect, unlikely to be chance
-        return bool(effect > 0 and p < ALPHA)
-
-    summary["checks"] = {
-        "ranked_below_mean_sample": holds(summary["ranked_vs_mean_sample_p"], mean(ranked_gain)),
-        "ranked_below_mean_shape": holds(summary["ranked_vs_mean_shape_p"], mean(shape_gain)),
-        "error_grows_with_occlusion": holds(summary["occlusion_p"], mean(occ_diff)),
-        "more_expression_diversity_when_mouth_occluded": holds(summary["mouth_p"], mean(mouth_diff)),
-    }
+    effects = {"ranked_below_mean_sample": ranked_gain, "ranked_below_mean_shape": shape_gain,
+               "error_grows_with_occlusion": occ_diff, "more_expression_diversity_when_mouth_occluded": mouth_diff}
+    # a positive effect, unlikely to be chance
+    summary["checks"] = {k: bool(mean(effects[k]) > 0 and summary[p] < ALPHA) for k, p in CHECK_P.items()}
     return {"summary": summary, "per_image": per_image}
 
 
@@ -263,10 +266,8 @@ def format_report(rep: dict[str, Any]) -> str:
         "| check | holds | p |",
         "|---|---|---|",
     ]
-    ps = {"ranked_below_mean_sample": s["ranked_vs_mean_sample_p"], "ranked_below_mean_shape": s["ranked_vs_mean_shape_p"],
-          "error_grows_with_occlusion": s["occlusion_p"],
-          "more_expression_diversity_when_mouth_occluded": s["mouth_p"]}
-    lines += [f"| {k.replace('_', ' ')} | {'yes' if v else 'NO'} | {ps[k]:.2g} |" for k, v in s["checks"].items()]
+    lines += [f"| {k.replace('_', ' ')} | {'yes' if v else 'NO'} | {s[CHECK_P[k]]:.2g} |"
+              for k, v in s["checks"].items()]
     return "\n".join(lines) + "\n"
 
 
