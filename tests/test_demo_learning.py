@@ -172,6 +172,7 @@ def test_spearman_against_naive():
 
 
 def test_demo_trains_side_by_side_and_reports_failures(tmp_path, monkeypatch):
+    import os
     import sys
 
     import ofer.demo as demo
@@ -180,14 +181,20 @@ def test_demo_trains_side_by_side_and_reports_failures(tmp_path, monkeypatch):
         # records its thread setting and the runs finished when it started; 'bad' fails
         code = ("import os, pathlib, sys, time; p = pathlib.Path(sys.argv[1]); time.sleep(0.3); "
                 "done = sorted(f.name for f in p.parent.glob('.*.done')); "
-                "p.write_text(os.environ.get('OMP_NUM_THREADS', '-') + ' ' + ','.join(done)); "
+                "p.write_text(os.environ.get('OMP_NUM_THREADS', '-') + ' ' + ','.join(done) + ' '"
+                " + str(os.nice(0) if hasattr(os, 'nice') else 0)); "
                 "sys.exit(3 if 'bad' in p.name else 0)")
         return [sys.executable, "-c", code, str(root / f"{kind}.ran")]
 
     monkeypatch.setattr(demo, "_train_cmd", fake_cmd)
-    demo._train([("idgen", "x.py"), ("expgen", "y.py"), ("idrank", "z.py", "idgen")], tmp_path, threads=1)
+    base = os.nice(0) if hasattr(os, "nice") else 0
+    demo._train([("idgen", "x.py"), ("expgen", "y.py"), ("idrank", "z.py", "idgen")], tmp_path, threads=1,
+                nice={"idgen": 3})
     assert (tmp_path / "idgen.ran").read_text().startswith("1 ")
     assert (tmp_path / "expgen.ran").read_text().startswith("1 ")
+    if hasattr(os, "nice"):  # the niceness increment reaches the run it names, and only it
+        assert int((tmp_path / "idgen.ran").read_text().split()[-1]) == min(base + 3, 19)
+        assert int((tmp_path / "expgen.ran").read_text().split()[-1]) == base
     # IdRank started only once IdGen was done
     assert ".idgen.done" in (tmp_path / "idrank.ran").read_text()
     assert all((tmp_path / f".{k}.done").is_file() for k in ("idgen", "expgen", "idrank"))

@@ -59,13 +59,15 @@ def _train_cmd(kind: str, script: str, root: Path) -> list[str]:
             f"run_dir={root / kind}", "resume=true"]
 
 
-def _train(jobs: list[tuple[str, str] | tuple[str, str, str]], root: Path, threads: int | None = None) -> None:
+def _train(jobs: list[tuple[str, str] | tuple[str, str, str]], root: Path, threads: int | None = None,
+           nice: dict[str, int] | None = None) -> None:
     """Train the given ``(kind, script[, after])`` runs side by side (each skipped when done).
 
     A run with ``after`` starts once that run has finished (IdRank needs the IdGen
     checkpoint); the others start at once. ``threads``: torch threads per run
     (OMP_NUM_THREADS); the tiny demo models run faster on one thread each, side by side,
-    than one after the other on two threads.
+    than one after the other on two threads. ``nice``: a niceness increment per kind (POSIX
+    only), so that the runs off the critical path yield the CPU to the one on it.
     """
     env = dict(os.environ)
     if threads:
@@ -88,7 +90,10 @@ def _train(jobs: list[tuple[str, str] | tuple[str, str, str]], root: Path, threa
             cmd = _train_cmd(kind, script, root)
             log = open(root / f"{kind}.log", "ab")
             print(f"[demo] training {kind}: {' '.join(cmd[1:])} (log: {root / f'{kind}.log'})", flush=True)
-            running.append((kind, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+            inc = (nice or {}).get(kind, 0)
+            pre = (lambda inc=inc: os.nice(inc)) if inc and hasattr(os, "nice") else None
+            running.append((kind, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                   preexec_fn=pre), log))
         for item in list(running):
             kind, p, log = item
             rc = p.poll()
@@ -140,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         _run([py, "-m", "ofer.data.world", "--output", str(world), "--identities", str(args.identities),
               "--test-identities", str(args.test_scenes), *WORLD_ARGS], "building the synthetic world")
 
-    # IdRank samples the trained IdGen, so it starts when IdGen is done, while ExpGen still runs
+    # IdRank samples the trained IdGen, so it starts when IdGen is done, while ExpGen still runs.
+    # ExpGen (1200 steps and a loader worker) is the longest: IdGen and IdRank yield to it.
     _train([("idgen", "trainIdGen.py"), ("expgen", "trainExpGen.py"), ("idrank", "trainIdRank.py", "idgen")],
-           root, threads=1)
+           root, threads=1, nice={"idgen": 10, "idrank": 10})
 
     samples = root / "samples"
     _run([py, "sample.py", "--input", str(world / "test" / "images"), "--output", str(samples),
