@@ -4,7 +4,7 @@
     python sample.py --input DIR_OR_FILE --output DIR [--config configs/sample.yaml] [key=value ...]
     torchrun --nproc_per_node=K sample.py ...      # shard the images across processes / GPUs
 
-See ``ofer.pipeline`` and the README for the outputs.
+See ``ofer.sample`` and the README for the outputs.
 """
 
 import os
@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
-from ofer.pipeline import main  # noqa: E402
+from ofer.sample.run import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,8 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # run from a c
 import torch  # noqa: E402
 
 from ofer.config import ExpGenTrainConfig  # noqa: E402
+from ofer.models import build_model, load_trained_model  # noqa: E402,F401
 from ofer.train import build  # noqa: E402
-from ofer.train.dist import cleanup, init_distributed  # noqa: E402
+from ofer.device import cleanup, init_distributed  # noqa: E402
 from ofer.train.loop import TrainResult, run_training  # noqa: E402
 from ofer.train.tasks import ExpGenTask  # noqa: E402
 
@@ -25,10 +26,9 @@ def main(cfg: ExpGenTrainConfig) -> TrainResult:
     dist = init_distributed(cfg.train.device)
     try:
         # Per-frame expression data: K views of one frame share exp/jaw/shape.
-        train_set, val_set = build.build_datasets(cfg, "expression", load_farl=True,
-                                                  report_dir=Path(cfg.run_dir))
+        train_set, val_set = build.build_datasets(cfg, "expgen", report_dir=Path(cfg.run_dir))
         build.fill_target_stats(cfg, "expgen", train_set)  # diffusion.normalize only
-        model = build.build_model("expgen", cfg)
+        model = build_model("expgen", cfg)
         need_flame = val_set is not None or cfg.train.sample_every > 0
         vertices, faces = build.build_flame(cfg) if need_flame else (None, None)
         task = ExpGenTask(cfg, model, vertices, faces)

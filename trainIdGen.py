@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # run from a c
 import torch  # noqa: E402
 
 from ofer.config import IdGenTrainConfig  # noqa: E402
+from ofer.models import build_model, load_trained_model  # noqa: E402,F401
 from ofer.train import build  # noqa: E402
-from ofer.train.dist import cleanup, init_distributed  # noqa: E402
+from ofer.device import cleanup, init_distributed  # noqa: E402
 from ofer.train.loop import TrainResult, run_training  # noqa: E402
 from ofer.train.tasks import IdGenTask  # noqa: E402
 
@@ -27,14 +28,13 @@ def main(cfg: IdGenTrainConfig) -> TrainResult:
     dist = init_distributed(cfg.train.device)
     try:
         # Optional IdRank for the ranked-identity validation error (val.idrank_checkpoint);
-        # its FaRL input size decides the held-out set's FaRL crops.
+        # with a FaRL in its condition, the held-out set carries the face crops.
         ranker = build.load_val_ranker(cfg)
-        farl = getattr(ranker, "farl", None)
         train_set, val_set = build.build_datasets(
-            cfg, "identity", load_farl=False, report_dir=Path(cfg.run_dir),
-            val_farl_size=farl.image_size if farl is not None else None)
+            cfg, "idgen", report_dir=Path(cfg.run_dir),
+            val_farl=ranker is not None and ranker.farl is not None)
         build.fill_target_stats(cfg, "idgen", train_set)  # diffusion.normalize only
-        model = build.build_model("idgen", cfg)
+        model = build_model("idgen", cfg)
         # FLAME is only needed for validation errors and sample meshes.
         need_flame = val_set is not None or cfg.train.sample_every > 0
         vertices, faces = build.build_flame(cfg) if need_flame else (None, None)

@@ -14,8 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # run from a c
 import torch  # noqa: E402
 
 from ofer.config import IdRankTrainConfig, resolve_path  # noqa: E402
+from ofer.models import build_model, load_trained_model  # noqa: E402,F401
 from ofer.train import build  # noqa: E402
-from ofer.train.dist import cleanup, init_distributed  # noqa: E402
+from ofer.device import cleanup, init_distributed  # noqa: E402
 from ofer.train.loop import TrainResult, run_training  # noqa: E402
 from ofer.train.tasks import IdRankTask  # noqa: E402
 
@@ -24,15 +25,14 @@ def main(cfg: IdRankTrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     dist = init_distributed(cfg.train.device)
     try:
-        train_set, val_set = build.build_datasets(cfg, "identity", load_farl=True,
-                                                  report_dir=Path(cfg.run_dir))
+        train_set, val_set = build.build_datasets(cfg, "idrank", report_dir=Path(cfg.run_dir))
         # The frozen IdGen that proposes the hypotheses (EMA weights by default).
-        idgen, idgen_cfg = build.load_trained_model(
+        idgen, idgen_cfg = load_trained_model(
             resolve_path(cfg.data_root, cfg.idgen_checkpoint),
             "idgen", cfg.idgen_use_ema)
         vertices, _ = build.build_flame(cfg)
         # The ranker's input is [mean | residual] over the K vertices of ranker.vertex_indices.
-        model = build.build_model("idrank", cfg)
+        model = build_model("idrank", cfg)
         # As in OFER, the ranker's ArcFace starts from the IdGen's fine-tuned ArcFace
         # when no ArcFace weights are configured (and the architectures agree).
         if cfg.arcface.weights is None and idgen_cfg.arcface.layers == cfg.arcface.layers \

@@ -27,8 +27,10 @@ from ofer.flame import FLAME  # noqa: E402
 from ofer.flame.synthetic import write_synthetic_flame  # noqa: E402
 from ofer.models import ExpGen, IdGen, IdRank  # noqa: E402
 from ofer.nets import FaRLEncoder, IResNet  # noqa: E402
-from ofer.pipeline import STAGES, Reconstructor, SampleConfig, write_image_outputs  # noqa: E402
-from ofer.train.tasks import ConditionedModel  # noqa: E402
+from ofer.sample.reconstructor import STAGES, Reconstructor  # noqa: E402
+from ofer.sample import SampleConfig  # noqa: E402
+from ofer.sample.run import write_image_outputs  # noqa: E402
+from ofer.models import ConditionedModel  # noqa: E402
 
 
 def build(device, cfg, flame_dir):

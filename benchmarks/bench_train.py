@@ -62,7 +62,7 @@ def bench_compute(kind: str, p: dict, dev: torch.device, steps: int) -> float:
     from ofer.nets.arcface import IResNet
     from ofer.nets.farl import FaRLEncoder
     from ofer.train.ema import EMA
-    from ofer.train.tasks import ConditionedModel
+    from ofer.models import ConditionedModel
 
     torch.manual_seed(0)
     layers, width, freeze = p["arc"]

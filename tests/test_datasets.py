@@ -9,15 +9,13 @@ import pytest
 import torch
 
 from ofer.data.datasets import (
-    CLIP_MEAN,
-    CLIP_STD,
     FaceDataset,
     StreamBatchSampler,
     check_index,
-    farl_preprocess,
     load_index,
     read_image_list,
 )
+from ofer.nets.farl import CLIP_MEAN, CLIP_STD, FaRLEncoder
 from ofer.errors import AssetError, UnsafePickleError
 
 from _train_helpers import write_world
@@ -46,17 +44,19 @@ def test_mica_layout_identity_items(world):
     assert "occlusion_mask" not in item and "exp_coeffs" not in item
 
 
-def test_farl_crop_matches_clip_normalisation(world):
+def test_farl_crop_is_the_image_and_the_encoder_normalises_it(world):
     root, _, _ = world
     entries = load_index(root, ["TOY_TRAIN"])
     item = FaceDataset(entries, images_per_actor=1, load_farl=True)[0]
     from PIL import Image
 
     rgb = np.asarray(Image.open(entries[0].images[0]).convert("RGB"), np.float32) / 255.0
+    np.testing.assert_allclose(item["farl"][0].numpy(), rgb.transpose(2, 0, 1), atol=1e-7)
     ref = (rgb - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
-    np.testing.assert_allclose(item["farl"][0].numpy(), ref.transpose(2, 0, 1), atol=1e-5)
-    # resizing path keeps the normalisation
-    small = farl_preprocess(torch.full((1, 3, 224, 224), 0.5), size=64)
+    x = FaRLEncoder(image_size=224, width=64, layers=1, heads=1).prepare(item["farl"])
+    np.testing.assert_allclose(x[0].numpy(), ref.transpose(2, 0, 1), atol=1e-5)
+    # a smaller encoder: resized, and the normalisation of a flat grey is kept
+    small = FaRLEncoder(image_size=64, width=64, layers=1, heads=1).prepare(torch.full((1, 3, 224, 224), 0.5))
     assert small.shape == (1, 3, 64, 64)
     np.testing.assert_allclose(small[0, :, 0, 0].numpy(),
                                (0.5 - np.array(CLIP_MEAN)) / np.array(CLIP_STD), atol=1e-5)

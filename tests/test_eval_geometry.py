@@ -7,7 +7,8 @@ import pytest
 
 from ofer.eval.geometry import (MeshDistance, MeshError, brute_force_point_mesh_distance,
                                 closest_point_on_triangle, procrustes_now, read_mesh, refine_similarity_dogleg,
-                                rodrigues, rotation_jacobian, umeyama, validate_mesh, write_obj, write_ply)
+                                rodrigues, rotation_jacobian, umeyama, validate_mesh)
+from ofer.io import write_mesh
 from ofer.eval.geometry import _ScanToMesh
 from ofer.eval.synthetic import head_mesh, sample_surface
 
@@ -108,8 +109,8 @@ def test_ply_reader_ascii_quads_extra_props(tmp_path):
 
 def test_obj_ply_round_trip(tmp_path, small_head):
     V, F = small_head
-    write_obj(tmp_path / "a.obj", V, F)
-    write_ply(tmp_path / "a.ply", V, F)
+    write_mesh(tmp_path / "a.obj", V, F, source_unit="mm")
+    write_mesh(tmp_path / "a.ply", V, F, source_unit="mm")
     V1, F1 = read_mesh(tmp_path / "a.obj")
     V2, F2 = read_mesh(tmp_path / "a.ply")
     np.testing.assert_array_equal(F1, F)

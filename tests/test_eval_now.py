@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ofer.errors import OferError
-from ofer.eval.geometry import rodrigues, write_obj, write_ply
+from ofer.eval.geometry import rodrigues
+from ofer.io import write_mesh
 from ofer.eval.now import (NowError, compute_crop, crop_scan, cumulative_error_curve, evaluate_now, evaluate_scan,
                            load_landmarks, load_pp, main, pooled_stats)
 from ofer.eval.synthetic import head_landmarks, head_mesh, make_scan, write_now_dataset, write_pp
@@ -176,7 +177,7 @@ def _dataset(tmp_path, head, n_img=2, fmt="obj"):
         d = pred / subj / ch
         d.mkdir(parents=True, exist_ok=True)
         noise = rng.normal(0, 0.3, V.shape)
-        (write_obj if fmt == "obj" else write_ply)(d / (img[:-4] + "." + fmt), (V + noise) / 1000, F)
+        write_mesh(d / (img[:-4] + "." + fmt), (V + noise) / 1000, F, unit="m")
         np.save(d / (img[:-4] + ".npy"), (lmk / 1000).astype(np.float32))
     return gt, pred, lines
 
@@ -239,7 +240,7 @@ def test_mismatched_file_lists(tmp_path, head, capsys):
     assert "\n" not in str(e.value)
     # a prediction exists but the subject has no scan
     (pred / "X" / "multiview_neutral").mkdir(parents=True)
-    write_obj(pred / "X/multiview_neutral/IMG_9.obj", head[0], head[1])
+    write_mesh(pred / "X/multiview_neutral/IMG_9.obj", head[0], head[1], source_unit="mm")
     np.save(pred / "X/multiview_neutral/IMG_9.npy", head[2].astype(np.float32))
     with pytest.raises(NowError, match="no ground-truth scan for subject 'X'"):
         evaluate_now(pred, gt, images=other, quiet=True)
@@ -266,7 +267,7 @@ def test_bad_prediction_files_give_one_line_errors(tmp_path, head):
     with pytest.raises(OferError, match="no vertices") as e:
         evaluate_now(pred, gt, quiet=True)
     assert str(first) in str(e.value)
-    write_obj(first, head[0], head[1])
+    write_mesh(first, head[0], head[1], source_unit="mm")
     np.save(pred / lines[0].replace(".jpg", ".npy"), head[2][:6])
     with pytest.raises(NowError, match="expected 7 landmarks"):
         evaluate_now(pred, gt, quiet=True)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
 import trimesh
 
-from ofer.io import write_landmarks, write_mesh, write_npz
+from ofer.io import atomic_write_bytes, write_json, write_landmarks, write_mesh, write_npz
 
 
 @pytest.mark.parametrize("suffix", [".ply", ".obj"])
@@ -42,3 +46,63 @@ def test_npz_has_no_pickles(tmp_path):
     path = write_npz(tmp_path / "x.npz", a=torch.ones(2), b=np.zeros(3))
     with np.load(path, allow_pickle=False) as z:
         assert set(z.files) == {"a", "b"}
+
+
+def test_mesh_files_state_their_unit_and_ascii_ply_matches_binary(tmp_path):
+    v = np.array([[0.0, 0.0, 0.0], [0.01, 0.0, 0.0], [0.0, 0.02, 0.0]])
+    f = np.array([[0, 1, 2]])
+    a = write_mesh(tmp_path / "a.ply", v, f, binary=False)
+    b = write_mesh(tmp_path / "b.ply", v, f)
+    o = write_mesh(tmp_path / "c.obj", v, f, unit="m")
+    assert b"comment units: millimetres" in a.read_bytes()[:200]
+    assert b"comment units: millimetres" in b.read_bytes()[:200]
+    assert o.read_text().startswith("# units: metres")
+    ma, mb = trimesh.load(a, process=False), trimesh.load(b, process=False)
+    np.testing.assert_allclose(ma.vertices, mb.vertices, rtol=1e-6)
+    np.testing.assert_allclose(ma.vertices, v * 1000, rtol=1e-6)
+    np.testing.assert_array_equal(ma.faces, f)
+
+
+def test_point_cloud_and_source_unit(tmp_path):
+    v = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # already mm
+    p = write_mesh(tmp_path / "pc.ply", v, None, source_unit="mm", binary=False)
+    text = p.read_text()
+    assert "element face" not in text
+    rows = np.loadtxt(text.split("end_header\n")[1].splitlines())
+    np.testing.assert_allclose(rows, v)
+    with pytest.raises(ValueError, match="out of range"):
+        write_mesh(tmp_path / "bad.ply", v, np.array([[0, 1, 2]]))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        p = atomic_write_bytes(tmp_path / "sub" / "x.bin", b"abc")
+        ref = tmp_path / "ref.bin"
+        with open(ref, "wb") as fh:  # what a plain open() gives under this umask
+            fh.write(b"abc")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == stat.S_IMODE(ref.stat().st_mode) == 0o666 & ~umask
+    assert p.read_bytes() == b"abc"
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    p = atomic_write_bytes(tmp_path / "x.json", b"old")
+
+    def broken(fh):
+        fh.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write_bytes(p, broken)
+    assert p.read_bytes() == b"old"
+    assert [q.name for q in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_json_refuses_non_finite_numbers(tmp_path):
+    assert json.loads(write_json(tmp_path / "a.json", {"x": 1.5}).read_text()) == {"x": 1.5}
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "b.json", {"x": float("nan")})
+    assert not list(tmp_path.glob("*b.json*"))

@@ -1,4 +1,4 @@
-"""sample.py / ofer.pipeline end to end on synthetic assets and tiny models."""
+"""sample.py / ofer.sample end to end on synthetic assets and tiny models."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ofer.config import load_config
 from ofer.flame.assets import safe_load_pickle
 from ofer.models import ExpGen, IdGen, IdRank
 from ofer.nets import FaRLEncoder, IResNet
-from ofer.pipeline import Reconstructor, SampleConfig, image_seed_index, run
+from ofer.sample import Reconstructor, SampleConfig, image_seed_index, run
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SHAPE, N_EXP, K = 20, 10, 48
@@ -161,7 +161,7 @@ def test_faithful_preset_runs_the_released_samplers(setup, tmp_path):
 
 def test_encoders_with_equal_weights_run_once(setup, synthetic_flame_paths):
     from ofer.flame import FLAME
-    from ofer.train.tasks import ConditionedModel
+    from ofer.models import ConditionedModel
 
     models = _tiny_models(synthetic_flame_paths)
     shared_arc, shared_farl = models["expgen"][1], models["expgen"][2]

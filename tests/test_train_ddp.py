@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ofer.train.checkpoint import read_checkpoint
+from ofer.models.checkpoint import read_checkpoint
 from ofer.train.loop import run_training
 
 from _train_helpers import ToyData, ToyTask, one_thread, toy_config  # noqa: F401 (fixture)
@@ -32,7 +32,7 @@ def _worker(rank: int, world: int, port: int, run_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from ofer.train.dist import cleanup
+    from ofer.device import cleanup
 
     try:
         torch.manual_seed(0)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ofer.train.checkpoint import read_checkpoint
+from ofer.models.checkpoint import read_checkpoint
 from ofer.train.ema import EMA
 from ofer.train.loop import TrainingDiverged, lr_factor, run_training
 

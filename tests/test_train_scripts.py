@@ -15,9 +15,9 @@ import trainIdGen
 import trainIdRank
 from ofer.config import ExpGenTrainConfig, IdGenTrainConfig, IdRankTrainConfig, config_to_dict, load_config
 from ofer.errors import CheckpointError, ConfigError
-from ofer.models import ExpGen, IdGen, IdRank
+from ofer.models import SPECS, ExpGen, IdGen, IdRank, build_model, load_trained_model
 from ofer.train import build
-from ofer.train.checkpoint import read_checkpoint, save_checkpoint
+from ofer.models.checkpoint import read_checkpoint, save_checkpoint
 from ofer.train.cli import run_cli
 from ofer.train.loop import flatten_views, run_training
 from ofer.train.tasks import ExpGenTask, IdGenTask
@@ -67,7 +67,7 @@ def ranker_ckpt(world):
     as a training checkpoint: the validation ranker of the IdGen tests."""
     torch.manual_seed(3)
     cfg = _idrank_cfg(world, world / "rank_run")
-    model = build.build_model("idrank", cfg, load_weights=False)
+    model = build_model("idrank", cfg, load_weights=False)
     path = world / "ranker.pt"
     save_checkpoint(path, {"model": model.state_dict(), "ema": None, "optimizer": None, "step": 0,
                            "config": config_to_dict(cfg), "kind": "idrank"})
@@ -109,7 +109,7 @@ def test_trainidgen_main(world, idgen_run, tmp_path):
     groups = {g["name"]: g for g in ck["optimizer"]["param_groups"]}
     assert groups["diffusion"]["lr"] == 3e-3 and groups["arcface"]["lr"] == 1e-3  # demo config
     # freeze=l2: the stem and layer1 are excluded from the optimiser
-    model = build.build_model("idgen", _idgen_cfg(world, tmp_path, ["diffusion.normalize=false"]),
+    model = build_model("idgen", _idgen_cfg(world, tmp_path, ["diffusion.normalize=false"]),
                               load_weights=False)
     assert isinstance(model.head, IdGen) and model.head.config["schedule"]["num_steps"] == 100
     n_trainable = sum(1 for p in model.arcface.parameters() if p.requires_grad)
@@ -128,7 +128,7 @@ def test_trainexpgen_main(world, tmp_path):
     assert res.step == 4 and np.isfinite(res.metrics["val/mean_sample_mm"])
     # the neutral-face baseline, recomputed from the held-out files with FLAME
     vertices, _ = build.build_flame(cfg)
-    _, val = build.build_datasets(cfg, "expression", load_farl=False)
+    _, val = build.build_datasets(cfg, "expgen", load_farl=False)
     errs = []
     for e in val.entries[: cfg.val.max_items]:
         z = np.load(e.params)
@@ -140,7 +140,7 @@ def test_trainexpgen_main(world, tmp_path):
     ck = read_checkpoint(tmp_path / "checkpoints" / "latest.pt")
     assert [g["name"] for g in ck["optimizer"]["param_groups"]] == ["farl", "arcface", "diffusion"]
     assert any(k.startswith("farl.") for k in ck["model"])
-    model, _ = build.load_trained_model(tmp_path / "checkpoints" / "latest.pt", "expgen")
+    model, _ = load_trained_model(tmp_path / "checkpoints" / "latest.pt", "expgen")
     assert isinstance(model.head, ExpGen)
     assert model.head.param_dim == 53 and model.head.cond_dim == 512 + 16 and model.head.jaw_scale == 0.5
     x = torch.zeros(2, 53)
@@ -152,7 +152,7 @@ def test_trainexpgen_main(world, tmp_path):
 def test_expgen_target_is_raw_expression_and_jaw(world):
     cfg = load_config(ExpGenTrainConfig, DEMO / "expgen.yaml",
                       [f"data_root={world}", *COMMON, *FARL, "jaw_scale=0.5"])
-    train, _ = build.build_datasets(cfg, "expression", load_farl=True)
+    train, _ = build.build_datasets(cfg, "expgen")
     item = train[0]
     task = ExpGenTask(cfg, None)
     x0 = task.target(item)
@@ -185,7 +185,7 @@ def test_trainidrank_main(world, idgen_run, tmp_path):
     # the checkpoint alone rebuilds the ranker, vertex indices included (no masks file needed)
     (world / "flame" / "FLAME_masks.pkl").rename(world / "flame" / "masks.bak")
     try:
-        rank, rcfg = build.load_trained_model(path, "idrank")
+        rank, rcfg = load_trained_model(path, "idrank")
     finally:
         (world / "flame" / "masks.bak").rename(world / "flame" / "FLAME_masks.pkl")
     assert isinstance(rank.head, IdRank) and rank.head.net.in_dim == 6 * len(face)
@@ -202,11 +202,11 @@ def test_checkpoint_round_trip_gives_identical_samples(world, idgen_run, tmp_pat
     cfg = _idgen_cfg(world, tmp_path, ["train.val_every=0", "train.sample_every=0", "train.max_steps=1",
                                        "ema.enabled=false", "data.occlusion.prob=0.0"])
     torch.manual_seed(0)
-    train, _ = build.build_datasets(cfg, "identity", load_farl=False)
+    train, _ = build.build_datasets(cfg, "idgen")
     build.fill_target_stats(cfg, "idgen", train)  # the demo config normalises, as trainIdGen does
-    model = build.build_model("idgen", cfg)
+    model = build_model("idgen", cfg)
     run_training(cfg, IdGenTask(cfg, model), train)
-    loaded, _ = build.load_trained_model(tmp_path / "checkpoints" / "latest.pt", "idgen")
+    loaded, _ = load_trained_model(tmp_path / "checkpoints" / "latest.pt", "idgen")
     x = torch.stack([train[i]["arcface"][0] for i in range(2)])
     model.eval()
     with torch.no_grad():
@@ -217,8 +217,8 @@ def test_checkpoint_round_trip_gives_identical_samples(world, idgen_run, tmp_pat
     # decay 0.95 of the demo config)
     latest = idgen_run[0] / "checkpoints" / "latest.pt"
     ck = read_checkpoint(latest)
-    with_ema, _ = build.load_trained_model(latest, "idgen")
-    raw, _ = build.load_trained_model(latest, "idgen", use_ema=False)
+    with_ema, _ = load_trained_model(latest, "idgen")
+    raw, _ = load_trained_model(latest, "idgen", use_ema=False)
     w = "head.net.downs.0.0.net.0.weight" if "head.net.downs.0.0.net.0.weight" in ck["model"] else \
         next(k for k in ck["model"] if k.startswith("head.net.") and k.endswith("weight"))
     assert torch.equal(with_ema.state_dict()[w], ck["ema"][w])
@@ -228,8 +228,8 @@ def test_checkpoint_round_trip_gives_identical_samples(world, idgen_run, tmp_pat
 
 def test_load_trained_model_wrong_kind(idgen_run):
     run, _ = idgen_run
-    with pytest.raises(CheckpointError, match="is a 'idgen' checkpoint, expected 'idrank'"):
-        build.load_trained_model(run / "checkpoints" / "latest.pt", "idrank")
+    with pytest.raises(CheckpointError, match="holds an idgen checkpoint, expected idrank"):
+        load_trained_model(run / "checkpoints" / "latest.pt", "idrank")
 
 
 @pytest.mark.slow
@@ -242,9 +242,9 @@ def test_real_idgen_overfits_one_batch(world, tmp_path):
                                        "diffusion.num_steps=1000",
                                        "diffusion.lr=1e-2", "ema.enabled=false"])
     torch.manual_seed(0)
-    train, _ = build.build_datasets(cfg, "identity", load_farl=False)
+    train, _ = build.build_datasets(cfg, "idgen")
     build.fill_target_stats(cfg, "idgen", train)  # the demo config normalises, as trainIdGen does
-    model = build.build_model("idgen", cfg)
+    model = build_model("idgen", cfg)
     batch = torch.utils.data.default_collate([train[i] for i in range(4)])
     x = batch["arcface"].flatten(0, 1)
     x0 = batch["shape_coeffs"].flatten(0, 1)[:, :20]
@@ -265,7 +265,7 @@ def test_real_idgen_overfits_one_batch(world, tmp_path):
                                          ("idrank", trainIdRank)])
 def test_dry_run_demo_configs(world, idgen_run, ranker_ckpt, kind, script, capsys):
     run, _ = idgen_run
-    schema = build.SCHEMAS[kind]
+    schema = SPECS[kind].train_schema
     args = ["--config", str(DEMO / f"{kind}.yaml"), f"data_root={world}", "data.root=.", "--dry-run"]
     if kind == "idrank":
         args.append(f"idgen_checkpoint={run / 'checkpoints' / 'latest.pt'}")
@@ -333,10 +333,9 @@ def test_bad_vertex_region_is_one_line(world, idgen_run, capsys):
 def _val_setup(world, extra=()):
     cfg = _idgen_cfg(world, world / "unused_run", ["diffusion.normalize=false", *extra])
     torch.manual_seed(0)
-    model = build.build_model("idgen", cfg, load_weights=False).eval()
+    model = build_model("idgen", cfg, load_weights=False).eval()
     ranker = build.load_val_ranker(cfg)
-    size = ranker.farl.image_size if ranker is not None else None
-    _, val = build.build_datasets(cfg, "identity", load_farl=False, val_farl_size=size)
+    _, val = build.build_datasets(cfg, "idgen", val_farl=ranker is not None)
     vertices, _ = build.build_flame(cfg)
     return cfg, model, ranker, val, vertices
 
@@ -416,15 +415,15 @@ def test_idrank_checkpoint_config_errors(world, idgen_run, tmp_path, capsys):
         return err
 
     idgen = run / "checkpoints" / "latest.pt"
-    assert dry(idgen) == (f"error: config key 'val.idrank_checkpoint': {idgen} is a 'idgen' checkpoint, "
-                          "expected 'idrank'\n")
+    assert dry(idgen) == (f"error: config key 'val.idrank_checkpoint': {idgen} holds an idgen checkpoint, "
+                          "expected idrank\n")
     assert dry("nope.pt") == (f"error: config key 'val.idrank_checkpoint': file not found: {world}/nope.pt "
                               f"(data_root='{world}')\n")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert dry(tmp_path / "junk.pt").startswith(
         f"error: config key 'val.idrank_checkpoint': cannot read checkpoint {tmp_path / 'junk.pt'}")
     # the same checks guard training itself (before any data or weights are loaded)
-    with pytest.raises(CheckpointError, match="is a 'idgen' checkpoint, expected 'idrank'"):
+    with pytest.raises(CheckpointError, match="holds an idgen checkpoint, expected idrank"):
         trainIdGen.main(_idgen_cfg(world, tmp_path / "run", [f"val.idrank_checkpoint={idgen}"]))
 
 
@@ -446,7 +445,7 @@ def test_released_idrank_tar_as_validation_ranker(world, tmp_path, capsys):
     rc = run_cli("idgen", IdGenTrainConfig, trainIdGen.main, args)
     assert rc == 2 and capsys.readouterr().err == (
         f"error: config key 'val.idrank_vertex_indices': the released IdRank checkpoint {tar} needs its "
-        "front-face vertex list (frontindices.npy); set this key\n")
+        "front-face vertex list (frontindices.npy): none given\n")
     rc = run_cli("idgen", IdGenTrainConfig, trainIdGen.main,
                  args + [f"val.idrank_vertex_indices={tmp_path / 'frontindices.npy'}"])
     cap = capsys.readouterr()
@@ -475,9 +474,9 @@ def _targets_on_disk(world, name, kind, n):
 
 @pytest.mark.parametrize("kind,name,n", [("idgen", "WORLDID_TRAIN", 20), ("expgen", "WORLDEXP_TRAIN", 50)])
 def test_target_stats_match_the_training_files(world, kind, name, n):
-    schema = build.SCHEMAS[kind]
+    schema = SPECS[kind].train_schema
     cfg = load_config(schema, DEMO / f"{kind}.yaml", [f"data_root={world}", "data.root=."])
-    train, _ = build.build_datasets(cfg, "identity" if kind == "idgen" else "expression", load_farl=False)
+    train, _ = build.build_datasets(cfg, kind, load_farl=False)
     mean, std = build.target_stats(train, kind, n)
     x = _targets_on_disk(world, name, kind, n)
     assert len(mean) == len(std) == x.shape[1] == (n if kind == "idgen" else n + 3)
@@ -494,7 +493,7 @@ def test_expgen_normalize_run_keeps_its_statistics(world, tmp_path, monkeypatch)
     x = _targets_on_disk(world, "WORLDEXP_TRAIN", "expgen", 50)
     d = ck["config"]["diffusion"]
     np.testing.assert_allclose(d["target_std"], x.std(0), rtol=1e-6)
-    model, _ = build.load_trained_model(tmp_path / "checkpoints" / "latest.pt", "expgen")
+    model, _ = load_trained_model(tmp_path / "checkpoints" / "latest.pt", "expgen")
     assert model.head.normalize == {"mean": d["target_mean"], "std": d["target_std"]}
     assert model.head.prediction == "x0" and model.head.cond_scale == 2.5
     # a resumed run takes the statistics its weights were trained with from the checkpoint,
@@ -510,7 +509,7 @@ def test_expgen_normalize_run_keeps_its_statistics(world, tmp_path, monkeypatch)
     pinned = load_config(ExpGenTrainConfig, DEMO / "expgen.yaml",
                          [*args, f"diffusion.target_mean={[0.0] * 53}", f"diffusion.target_std={[2.0] * 53}"])
     build.fill_target_stats(pinned, "expgen", None)
-    assert build.build_model("expgen", pinned, load_weights=False).head.normalize["std"] == [2.0] * 53
+    assert build_model("expgen", pinned, load_weights=False).head.normalize["std"] == [2.0] * 53
 
 
 def test_normalize_config_errors(world, tmp_path):
@@ -529,8 +528,8 @@ def test_normalize_config_errors(world, tmp_path):
                     [*base, "diffusion.target_mean=[0.0]", "diffusion.target_std=[0.0]"])
     cfg = load_config(IdGenTrainConfig, DEMO / "idgen.yaml", base)
     with pytest.raises(ConfigError, match="'diffusion.normalize' is true but .*fill_target_stats"):
-        build.build_model("idgen", cfg, load_weights=False)
+        build_model("idgen", cfg, load_weights=False)
     cfg = load_config(IdGenTrainConfig, DEMO / "idgen.yaml",
                       [*base, "diffusion.target_mean=[0.0]", "diffusion.target_std=[1.0]"])
     with pytest.raises(ConfigError, match="normalize.mean must have 8 entries"):
-        build.build_model("idgen", cfg, load_weights=False)
+        build_model("idgen", cfg, load_weights=False)

@@ -15,9 +15,9 @@ from .errors import OferError  # noqa: F401
 def load_checkpoint(path, kind=None, map_location="cpu"):
     """Load an OFER checkpoint: our own format or an official OFER ``.tar`` file.
 
-    Thin forwarder to :func:`ofer.compat.load_checkpoint` (imported lazily so that
+    Thin forwarder to :func:`ofer.models.loading.load_checkpoint` (imported lazily so that
     ``import ofer`` stays cheap).
     """
-    from .compat import load_checkpoint as _load
+    from .models.loading import load_checkpoint as _load
 
     return _load(path, kind=kind, map_location=map_location)

@@ -29,7 +29,7 @@ from typing import Any, Literal, Optional, Sequence, TypeVar, Union
 
 import yaml
 
-from .errors import ConfigError
+from .errors import AssetError, ConfigError
 
 T = TypeVar("T")
 
@@ -40,6 +40,8 @@ __all__ = [
     "parse_overrides",
     "save_config",
     "resolve_path",
+    "asset_file",
+    "check_key",
     "ArcFaceConfig",
     "FaRLConfig",
     "DenoiserConfig",
@@ -295,7 +297,7 @@ def _deep_update(base: dict, new: dict, cls: type, prefix: str) -> None:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from .train.checkpoint import atomic_write_bytes
+    from .io import atomic_write_bytes
 
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
@@ -309,7 +311,20 @@ def resolve_path(data_root: str | os.PathLike, path: str | os.PathLike | None) -
     return p if p.is_absolute() else Path(data_root).expanduser() / p
 
 
-def _check(cond: bool, key: str, message: str) -> None:
+def asset_file(cfg: Any, key: str, rel: str | os.PathLike | None) -> Path | None:
+    """The file of config key ``key`` (``rel`` resolved against ``cfg.data_root``); None for None.
+
+    Raises:
+        AssetError: the file does not exist (naming the key, the path and ``data_root``).
+    """
+    p = resolve_path(cfg.data_root, rel)
+    if p is not None and not p.is_file():
+        raise AssetError(f"config key '{key}': file not found: {p} (data_root={cfg.data_root!r})")
+    return p
+
+
+def check_key(cond: bool, key: str, message: str) -> None:
+    """Raise ``ConfigError("config key '<key>' <message>")`` unless ``cond``."""
     if not cond:
         raise ConfigError(f"config key '{key}' {message}")
 
@@ -330,12 +345,12 @@ class ArcFaceConfig:
     input_size: int = 112
 
     def validate(self, p: str) -> None:
-        _check(len(self.layers) == 4 and all(n >= 1 for n in self.layers), p + "layers",
+        check_key(len(self.layers) == 4 and all(n >= 1 for n in self.layers), p + "layers",
                f"must be 4 positive block counts, got {self.layers}")
-        _check(self.width >= 8, p + "width", f"must be >= 8, got {self.width}")
-        _check(16 <= self.input_size <= 112 and self.input_size % 16 == 0, p + "input_size",
+        check_key(self.width >= 8, p + "width", f"must be >= 8, got {self.width}")
+        check_key(16 <= self.input_size <= 112 and self.input_size % 16 == 0, p + "input_size",
                f"must be a multiple of 16 in [16, 112], got {self.input_size}")
-        _check(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
+        check_key(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
 
 
 @dataclass
@@ -353,10 +368,10 @@ class FaRLConfig:
     lr: float = 1e-4
 
     def validate(self, p: str) -> None:
-        _check(self.width % self.heads == 0, p + "width", f"must be divisible by heads={self.heads}")
-        _check(self.image_size % self.patch_size == 0, p + "image_size",
+        check_key(self.width % self.heads == 0, p + "width", f"must be divisible by heads={self.heads}")
+        check_key(self.image_size % self.patch_size == 0, p + "image_size",
                f"must be divisible by patch_size={self.patch_size}")
-        _check(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
+        check_key(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
 
 
 @dataclass
@@ -367,9 +382,9 @@ class DenoiserConfig:
     num_qkv: int = 16
 
     def validate(self, p: str) -> None:
-        _check(len(self.dims) >= 2 and all(d >= 1 for d in self.dims), p + "dims",
+        check_key(len(self.dims) >= 2 and all(d >= 1 for d in self.dims), p + "dims",
                f"must hold >= 2 positive widths, got {self.dims}")
-        _check(self.num_qkv >= 1, p + "num_qkv", f"must be >= 1, got {self.num_qkv}")
+        check_key(self.num_qkv >= 1, p + "num_qkv", f"must be >= 1, got {self.num_qkv}")
 
 
 @dataclass
@@ -405,25 +420,25 @@ class DiffusionConfig:
     target_std: Optional[list[float]] = None
 
     def validate(self, p: str) -> None:
-        _check(self.num_steps >= 2, p + "num_steps", f"must be >= 2, got {self.num_steps}")
-        _check(self.noise_samples >= 1, p + "noise_samples", f"must be >= 1, got {self.noise_samples}")
-        _check(self.cond_scale > 0, p + "cond_scale", f"must be > 0, got {self.cond_scale}")
+        check_key(self.num_steps >= 2, p + "num_steps", f"must be >= 2, got {self.num_steps}")
+        check_key(self.noise_samples >= 1, p + "noise_samples", f"must be >= 1, got {self.noise_samples}")
+        check_key(self.cond_scale > 0, p + "cond_scale", f"must be > 0, got {self.cond_scale}")
         stats = (self.target_mean, self.target_std)
         if any(v is not None for v in stats):
-            _check(self.normalize, p + "normalize",
+            check_key(self.normalize, p + "normalize",
                    "must be true when target_mean / target_std are given")
-            _check(all(v is not None for v in stats) and len(self.target_mean) == len(self.target_std),
+            check_key(all(v is not None for v in stats) and len(self.target_mean) == len(self.target_std),
                    p + "target_std", "target_mean and target_std must both be given, with one "
                    "entry per diffused coefficient")
-            _check(min(self.target_std, default=1.0) > 0, p + "target_std",
+            check_key(min(self.target_std, default=1.0) > 0, p + "target_std",
                    f"must be > 0 everywhere, got min {min(self.target_std, default=1.0)}")
         if self.schedule == "linear":
-            _check(0 < self.beta_1 < self.beta_T < 1, p + "beta_T",
+            check_key(0 < self.beta_1 < self.beta_T < 1, p + "beta_T",
                    f"must satisfy 0 < beta_1 < beta_T < 1, got {self.beta_1}, {self.beta_T}")
         else:
-            _check(self.cosine_s > 0, p + "cosine_s", f"must be > 0, got {self.cosine_s}")
-            _check(0 < self.max_beta < 1, p + "max_beta", f"must be in (0, 1), got {self.max_beta}")
-        _check(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
+            check_key(self.cosine_s > 0, p + "cosine_s", f"must be > 0, got {self.cosine_s}")
+            check_key(0 < self.max_beta < 1, p + "max_beta", f"must be in (0, 1), got {self.max_beta}")
+        check_key(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
 
 
 @dataclass
@@ -439,8 +454,8 @@ class OcclusionAugConfig:
     return_mask: bool = True
 
     def validate(self, p: str) -> None:
-        _check(0.0 <= self.prob <= 1.0, p + "prob", f"must be in [0, 1], got {self.prob}")
-        _check(len(self.area) == 2 and 0.0 < self.area[0] <= self.area[1] <= 1.0, p + "area",
+        check_key(0.0 <= self.prob <= 1.0, p + "prob", f"must be in [0, 1], got {self.prob}")
+        check_key(len(self.area) == 2 and 0.0 < self.area[0] <= self.area[1] <= 1.0, p + "area",
                f"must be [min, max] with 0 < min <= max <= 1 (fractions of the face box), "
                f"got {self.area}")
 
@@ -460,12 +475,12 @@ class DataConfig:
     occlusion: OcclusionAugConfig = field(default_factory=OcclusionAugConfig)
 
     def validate(self, p: str) -> None:
-        _check(len(self.train) >= 1, p + "train", "must name at least one dataset")
-        _check(self.actors_per_batch >= 1, p + "actors_per_batch",
+        check_key(len(self.train) >= 1, p + "train", "must name at least one dataset")
+        check_key(self.actors_per_batch >= 1, p + "actors_per_batch",
                f"must be >= 1, got {self.actors_per_batch}")
-        _check(self.images_per_actor >= 1, p + "images_per_actor",
+        check_key(self.images_per_actor >= 1, p + "images_per_actor",
                f"must be >= 1, got {self.images_per_actor}")
-        _check(self.num_workers >= 0, p + "num_workers", f"must be >= 0, got {self.num_workers}")
+        check_key(self.num_workers >= 0, p + "num_workers", f"must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -490,11 +505,11 @@ class OptimConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
 
     def validate(self, p: str) -> None:
-        _check(self.weight_decay >= 0, p + "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), p + "betas",
+        check_key(self.weight_decay >= 0, p + "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check_key(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), p + "betas",
                f"must be two numbers in [0, 1), got {self.betas}")
-        _check(self.grad_clip >= 0, p + "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
-        _check(self.warmup_steps >= 0, p + "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check_key(self.grad_clip >= 0, p + "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        check_key(self.warmup_steps >= 0, p + "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -506,7 +521,7 @@ class EMAConfig:
     start_step: int = 0
 
     def validate(self, p: str) -> None:
-        _check(0.0 <= self.decay < 1.0, p + "decay", f"must be in [0, 1), got {self.decay}")
+        check_key(0.0 <= self.decay < 1.0, p + "decay", f"must be in [0, 1), got {self.decay}")
 
 
 @dataclass
@@ -525,11 +540,11 @@ class LoopConfig:
     nan_guard: bool = True
 
     def validate(self, p: str) -> None:
-        _check(self.max_steps >= 1, p + "max_steps", f"must be >= 1, got {self.max_steps}")
+        check_key(self.max_steps >= 1, p + "max_steps", f"must be >= 1, got {self.max_steps}")
         for name in ("log_every", "val_every", "ckpt_every", "sample_every"):
             v = getattr(self, name)
-            _check(v >= 0, p + name, f"must be >= 0 (0 = off), got {v}")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            check_key(v >= 0, p + name, f"must be >= 0 (0 = off), got {v}")
+        check_key(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                p + "device", f"must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}")
 
 
@@ -544,9 +559,9 @@ class ValConfig:
     seed: int = 1234
 
     def validate(self, p: str) -> None:
-        _check(self.num_samples >= 1, p + "num_samples", f"must be >= 1, got {self.num_samples}")
-        _check(self.steps >= 1, p + "steps", f"must be >= 1, got {self.steps}")
-        _check(self.max_items >= 1, p + "max_items", f"must be >= 1, got {self.max_items}")
+        check_key(self.num_samples >= 1, p + "num_samples", f"must be >= 1, got {self.num_samples}")
+        check_key(self.steps >= 1, p + "steps", f"must be >= 1, got {self.steps}")
+        check_key(self.max_items >= 1, p + "max_items", f"must be >= 1, got {self.max_items}")
 
 
 @dataclass
@@ -568,11 +583,11 @@ class IdGenValConfig(ValConfig):
         super().validate(p)
         for name in ("idrank_checkpoint", "idrank_vertex_indices"):
             v = getattr(self, name)
-            _check(v is None or bool(v.strip()), p + name, "must be a file path or null, got ''")
+            check_key(v is None or bool(v.strip()), p + name, "must be a file path or null, got ''")
 
 
 def _common_validate(cfg: Any) -> None:
-    _check(bool(cfg.run_dir), "run_dir", "must not be empty")
+    check_key(bool(cfg.run_dir), "run_dir", "must not be empty")
 
 
 @dataclass
@@ -596,11 +611,11 @@ class IdGenTrainConfig:
 
     def validate(self, p: str) -> None:
         _common_validate(self)
-        _check(self.val.idrank_checkpoint is None or len(self.data.val) >= 1, "val.idrank_checkpoint",
+        check_key(self.val.idrank_checkpoint is None or len(self.data.val) >= 1, "val.idrank_checkpoint",
                "needs held-out datasets in 'data.val' (the ranked error is measured on them)")
-        _check(1 <= self.n_shape <= self.flame.n_shape, "n_shape",
+        check_key(1 <= self.n_shape <= self.flame.n_shape, "n_shape",
                f"must be in [1, flame.n_shape={self.flame.n_shape}], got {self.n_shape}")
-        _check(self.denoiser.dims[0] == self.n_shape, "denoiser.dims",
+        check_key(self.denoiser.dims[0] == self.n_shape, "denoiser.dims",
                f"must start with n_shape={self.n_shape}, got {self.denoiser.dims}")
 
 
@@ -629,11 +644,11 @@ class ExpGenTrainConfig:
 
     def validate(self, p: str) -> None:
         _common_validate(self)
-        _check(1 <= self.n_exp <= self.flame.n_exp, "n_exp",
+        check_key(1 <= self.n_exp <= self.flame.n_exp, "n_exp",
                f"must be in [1, flame.n_exp={self.flame.n_exp}], got {self.n_exp}")
-        _check(self.denoiser.dims[0] == self.n_exp + 3, "denoiser.dims",
+        check_key(self.denoiser.dims[0] == self.n_exp + 3, "denoiser.dims",
                f"must start with n_exp + 3 = {self.n_exp + 3}, got {self.denoiser.dims}")
-        _check(self.jaw_scale > 0, "jaw_scale", f"must be > 0, got {self.jaw_scale}")
+        check_key(self.jaw_scale > 0, "jaw_scale", f"must be > 0, got {self.jaw_scale}")
 
 
 @dataclass
@@ -657,13 +672,13 @@ class RankerConfig:
     mean_scale: float = 1.0
 
     def validate(self, p: str) -> None:
-        _check(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
-        _check(self.mean_scale >= 0, p + "mean_scale", f"must be >= 0, got {self.mean_scale}")
-        _check(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), p + "hidden",
+        check_key(self.lr >= 0, p + "lr", f"must be >= 0, got {self.lr}")
+        check_key(self.mean_scale >= 0, p + "mean_scale", f"must be >= 0, got {self.mean_scale}")
+        check_key(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), p + "hidden",
                f"must hold >= 1 positive widths, got {self.hidden}")
-        _check(self.groups >= 1 and all(h % self.groups == 0 for h in self.hidden), p + "groups",
+        check_key(self.groups >= 1 and all(h % self.groups == 0 for h in self.hidden), p + "groups",
                f"must divide every hidden width {self.hidden}, got {self.groups}")
-        _check(self.temperature > 0, p + "temperature", f"must be > 0, got {self.temperature}")
+        check_key(self.temperature > 0, p + "temperature", f"must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -693,5 +708,5 @@ class IdRankTrainConfig:
 
     def validate(self, p: str) -> None:
         _common_validate(self)
-        _check(self.num_samples >= 2, "num_samples", f"must be >= 2, got {self.num_samples}")
-        _check(self.sample_steps >= 1, "sample_steps", f"must be >= 1, got {self.sample_steps}")
+        check_key(self.num_samples >= 2, "num_samples", f"must be >= 2, got {self.num_samples}")
+        check_key(self.sample_steps >= 1, "sample_steps", f"must be >= 1, got {self.sample_steps}")

@@ -29,7 +29,7 @@ import numpy as np
 
 from .data.images import iter_images, prepare_face
 from .errors import ImageError, OferError
-from .train.checkpoint import atomic_write_bytes
+from .io import atomic_write_bytes
 
 __all__ = ["main", "preprocess_folder", "output_paths"]
 

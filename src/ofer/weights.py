@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AssetError
-from .train.checkpoint import atomic_write_bytes
+from .io import atomic_write_bytes
 
 __all__ = ["WeightFile", "REGISTRY", "cache_dir", "weight_path", "ensure_weights", "download_file", "sha256_file"]
 

@@ -61,7 +61,6 @@ from PIL import Image
 
 from ..errors import AssetError
 from ..flame.assets import read_npy_pickle
-from ..nets.farl import CLIP_MEAN, CLIP_STD
 
 __all__ = [
     "IndexEntry",
@@ -73,9 +72,6 @@ __all__ = [
     "build_occluder",
     "SyntheticOccluder",
     "detect_crop_frame",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "farl_preprocess",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -301,27 +297,6 @@ def _read_arcface_blob(path: Path) -> np.ndarray:
     return np.asarray(blob, dtype=np.float32).reshape(3, 112, 112)
 
 
-def farl_preprocess(rgb: torch.Tensor, size: int = 224) -> torch.Tensor:
-    """CLIP preprocessing of RGB crops: bicubic resize to ``size`` and CLIP mean/std.
-
-    Args:
-        rgb: (B,3,H,W) float in [0, 1].
-    Returns:
-        (B,3,size,size) float32.
-    """
-    x = rgb.float()
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic",
-                                            align_corners=False).clamp(0, 1)
-    try:
-        from ..nets.farl import clip_normalize
-    except ImportError:  # pragma: no cover
-        mean = torch.tensor(CLIP_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD, dtype=x.dtype).view(1, 3, 1, 1)
-        return (x - mean) / std
-    return clip_normalize(x)
-
-
 # ----------------------------------------------------------------------------------------
 # Occlusion augmentation
 # ----------------------------------------------------------------------------------------
@@ -428,7 +403,8 @@ class FaceDataset(torch.utils.data.Dataset):
             fewer than K images) for training keys, the first K (cycled) for integer keys.
         mode: ``"identity"`` (IdGen/IdRank) or ``"expression"`` (ExpGen).
         n_shape, n_exp: coefficient counts returned.
-        load_farl: also return the CLIP-normalised crop ``farl`` of side ``farl_size``.
+        load_farl: also return the 224 px face crops ``farl`` (RGB in [0, 1]; the model
+            prepares them for its FaRL, :meth:`~ofer.nets.FaRLEncoder.prepare`).
         occlusion_prob, occlusion_area: occlusion augmentation (prob 0 = off).
     """
 
@@ -440,7 +416,6 @@ class FaceDataset(torch.utils.data.Dataset):
         n_shape: int = 300,
         n_exp: int = 50,
         load_farl: bool = False,
-        farl_size: int = 224,
         occlusion_prob: float = 0.0,
         occlusion_area: Sequence[float] = (0.05, 0.4),
         occluder: Optional[Occluder] = None,
@@ -450,7 +425,6 @@ class FaceDataset(torch.utils.data.Dataset):
         self.mode = mode
         self.n_shape, self.n_exp = int(n_shape), int(n_exp)
         self.load_farl = bool(load_farl)
-        self.farl_size = int(farl_size)
         self.occlusion_prob = float(occlusion_prob)
         self.occluder = occluder if occluder is not None else build_occluder(occlusion_prob, occlusion_area)
         self.with_mask = self.occluder is not None
@@ -509,7 +483,7 @@ class FaceDataset(torch.utils.data.Dataset):
             item["exp_coeffs"] = torch.from_numpy(np.repeat(params["exp_coeffs"][None], self.k, 0))
             item["jaw_pose"] = torch.from_numpy(np.repeat(params["jaw_pose"][None], self.k, 0))
         if self.load_farl:
-            item["farl"] = farl_preprocess(torch.from_numpy(np.stack(farl)), self.farl_size)
+            item["farl"] = torch.from_numpy(np.stack(farl))
         if self.with_mask:
             item["occlusion_mask"] = torch.from_numpy(np.stack(masks))[:, None]
         return item

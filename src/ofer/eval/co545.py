@@ -347,7 +347,7 @@ def _jsonable(r: dict) -> dict:
 
 
 def _write(out: Path, rows: list[dict], summary: dict) -> None:
-    from ..train.checkpoint import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()

@@ -25,8 +25,6 @@ from ..errors import OferError
 __all__ = [
     "MeshError",
     "read_mesh",
-    "write_obj",
-    "write_ply",
     "validate_mesh",
     "MeshDistance",
     "point_mesh_distance",
@@ -294,36 +292,6 @@ def validate_mesh(V: np.ndarray, F: np.ndarray, name: str, warn: bool = True) ->
         for w in warnings_:
             print(f"warning: {w}", file=sys.stderr)
     return warnings_
-
-
-def _atomic_write(path: str | os.PathLike, payload: bytes) -> None:
-    from ..train.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, lambda f: f.write(payload))
-
-
-def write_obj(path: str | os.PathLike, V: np.ndarray, F: np.ndarray) -> None:
-    """Write a triangle mesh as OBJ (``%.6f`` coordinates, 1-based faces), atomically."""
-    V = np.asarray(V, dtype=np.float64)
-    F = np.asarray(F, dtype=np.int64)
-    vs = "\n".join("v %.6f %.6f %.6f" % tuple(v) for v in V)
-    fs = "\n".join("f %d %d %d" % tuple(f) for f in (F + 1))
-    _atomic_write(path, (vs + "\n" + fs + "\n").encode("ascii"))
-
-
-def write_ply(path: str | os.PathLike, V: np.ndarray, F: np.ndarray) -> None:
-    """Write a binary little-endian PLY (float32 x y z, uchar/int vertex_indices), atomically."""
-    V = np.ascontiguousarray(V, dtype="<f4")
-    F = np.asarray(F, dtype=np.int64)
-    header = (
-        "ply\nformat binary_little_endian 1.0\n"
-        f"element vertex {len(V)}\nproperty float x\nproperty float y\nproperty float z\n"
-        f"element face {len(F)}\nproperty list uchar int vertex_indices\nend_header\n"
-    ).encode("ascii")
-    fd = np.empty(len(F), dtype=np.dtype([("n", "u1"), ("i", "<i4", (3,))]))
-    fd["n"] = 3
-    fd["i"] = F
-    _atomic_write(path, header + V.tobytes() + fd.tobytes())
 
 
 # ----------------------------------------------------------------------------------------

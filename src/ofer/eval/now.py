@@ -283,7 +283,7 @@ def save_cumulative_plot(path: str | os.PathLike, curves: dict[str, tuple[np.nda
         dr.line([(left + pw - 150, top + 12 + 16 * k), (left + pw - 125, top + 12 + 16 * k)], fill=col, width=2)
         dr.text((left + pw - 120, top + 6 + 16 * k), label, fill="black")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    from ..train.checkpoint import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     atomic_write_bytes(path, lambda f: img.save(f, format="PNG"))
 
@@ -357,11 +357,11 @@ def _evaluate_subject(args) -> list[dict]:
         ev = evaluate_scan(scan_v, scan_lmk, pv, pf, lmk, metrical=metrical, unit=unit, crop_ids=ids,
                            name=str(lmk_path))
         if check_dir is not None:
-            from .geometry import write_obj
+            from ..io import write_mesh
 
             d = Path(check_dir) / e.subject / e.challenge / e.filename
-            write_obj(d / "predicted_aligned.obj", ev.aligned_vertices, pf)
-            write_obj(d / "gt_scan_cropped.obj", scan_v[ids], np.zeros((0, 3), dtype=np.int64))
+            write_mesh(d / "predicted_aligned.obj", ev.aligned_vertices, pf, unit="mm", source_unit="mm")
+            write_mesh(d / "gt_scan_cropped.obj", scan_v[ids], None, unit="mm", source_unit="mm")
         out.append({
             "index": e.index, "line": e.line, "subject": e.subject, "challenge": e.challenge,
             "distances": ev.distances, "warnings": warns + ev.warnings,
@@ -494,7 +494,7 @@ def evaluate_now(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike | None =
 def _write_outputs(out: Path, method: str, challenge: str, results: list[dict], summary: dict) -> None:
     import io
 
-    from ..train.checkpoint import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     arrays = [r["distances"] for r in results]
     suffix = "distances" if not challenge else f"distances_{challenge}"

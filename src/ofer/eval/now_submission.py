@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import OferError
-from .geometry import write_obj, write_ply
+from ..io import write_landmarks, write_mesh
 from .now import NowError, parse_image_list
 
 __all__ = ["neutral_meshes_mm", "write_now_prediction", "load_shape_coeffs", "find_sample_file",
@@ -83,8 +83,6 @@ def write_now_prediction(out_dir: str | Path, image_line: str, vertices_mm: np.n
         vertices_mm: ``(V, 3)``; faces: ``(F, 3)``; landmarks7_mm: ``(7, 3)`` (saved float32).
         fmt: ``'obj'`` or ``'ply'``.
     """
-    from ..train.checkpoint import atomic_write_bytes
-
     parts = image_line.strip().split("/")
     if len(parts) < 3:
         raise NowError(f"expected an image line '<subject>/<challenge>/<image>', got {image_line!r}")
@@ -96,15 +94,8 @@ def write_now_prediction(out_dir: str | Path, image_line: str, vertices_mm: np.n
     if fmt not in ("obj", "ply"):
         raise NowError(f"mesh format must be obj or ply, got {fmt!r}")
     mesh_path = base / f"{stem}.{fmt}"
-    (write_obj if fmt == "obj" else write_ply)(mesh_path, vertices_mm, faces)
-    lmk_path = base / f"{stem}.npy"
-
-    def _w(f):
-        b = io.BytesIO()
-        np.save(b, lmk)
-        f.write(b.getvalue())
-
-    atomic_write_bytes(lmk_path, _w)
+    write_mesh(mesh_path, vertices_mm, faces, unit="mm", source_unit="mm")
+    lmk_path = write_landmarks(base / f"{stem}.npy", lmk, unit="mm", source_unit="mm")
     return mesh_path, lmk_path
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .geometry import rodrigues, write_obj
+from ..io import write_mesh
+from .geometry import rodrigues
 
 __all__ = ["head_mesh", "head_landmarks", "sample_surface", "make_scan", "write_pp", "write_now_dataset"]
 
@@ -122,5 +123,5 @@ def write_now_dataset(root: str | os.PathLike, subjects: dict[str, tuple[np.ndar
     """
     root = Path(root)
     for s, (v, lmk) in subjects.items():
-        write_obj(root / "scans" / s / "scan.obj", v, np.zeros((0, 3), dtype=np.int64))
+        write_mesh(root / "scans" / s / "scan.obj", v, None, source_unit="mm")
         write_pp(root / "scans_lmks_onlypp" / s / "scan_picked_points.pp", lmk)

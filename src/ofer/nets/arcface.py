@@ -45,6 +45,7 @@ __all__ = [
     "iresnet",
     "l2_normalize",
     "load_arcface_state_dict",
+    "arcface_from_state_dict",
 ]
 
 #: Stage depths of the insightface variants.
@@ -308,3 +309,22 @@ def load_arcface_state_dict(
         )
     model.load_state_dict(sd, strict=strict)
     return model
+
+
+def arcface_from_state_dict(source: Mapping[str, Any], name: str = "ArcFace state_dict") -> IResNet:
+    """An IResNet whose depth, width and input size are read off the weights, with them loaded.
+
+    ``source``: any mapping :func:`load_arcface_state_dict` accepts (the ``arcface`` entry of a
+    released checkpoint, an insightface ``backbone.pth``, ...).
+    """
+    sd = _extract_state_dict(source, name)
+    try:
+        depth = tuple(1 + max((int(k.split(".")[1]) for k in sd if k.startswith(f"layer{i}.")), default=-1)
+                      for i in range(1, 5))
+        width = int(sd["conv1.weight"].shape[0])
+        num_features, flat = (int(n) for n in sd["fc.weight"].shape)
+    except (KeyError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"{name}: not in the insightface IResNet layout ({exc})") from exc
+    side = int(round((flat / (8 * width)) ** 0.5))  # fc reads 8*width channels of side x side
+    model = IResNet(layers=depth, width=width, num_features=num_features, input_size=side * 16)
+    return load_arcface_state_dict(model, sd)

@@ -37,6 +37,7 @@ __all__ = [
     "clip_preprocess",
     "clip_normalize",
     "load_farl_state_dict",
+    "farl_from_state_dict",
 ]
 
 #: CLIP's normalisation constants (RGB).
@@ -147,8 +148,21 @@ class FaRLEncoder(nn.Module):
         self.ln_post = LayerNorm32(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
+    def prepare(self, rgb: torch.Tensor) -> torch.Tensor:
+        """This encoder's input from face crops: ``(B, 3, H, W)`` RGB, uint8 or float in [0, 1].
+
+        A crop of another side is resized to ``image_size`` (bicubic, no antialiasing) and
+        clamped to [0, 1]; then the CLIP mean/std normalisation. Training and sampling both
+        call this, so a small encoder sees the same pixels in both.
+        """
+        x = rgb.float() / 255.0 if rgb.dtype == torch.uint8 else rgb.float()
+        s = self.image_size
+        if x.shape[-2:] != (s, s):
+            x = torch.nn.functional.interpolate(x, size=(s, s), mode="bicubic", align_corners=False).clamp(0, 1)
+        return clip_normalize(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed ``x (B, 3, S, S)`` -> ``(B, output_dim)``."""
+        """Embed ``x (B, 3, S, S)`` (CLIP-normalised, :meth:`prepare`) -> ``(B, output_dim)``."""
         s = self.image_size
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != s or x.shape[3] != s:
             raise ValueError(f"FaRLEncoder expects input (B, 3, {s}, {s}), got {tuple(x.shape)}")
@@ -277,3 +291,18 @@ def load_farl_state_dict(model: FaRLEncoder, source: str | os.PathLike | Mapping
         )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
     return model
+
+
+def farl_from_state_dict(source: Mapping[str, Any], name: str = "FaRL state_dict") -> FaRLEncoder:
+    """A FaRLEncoder whose size is read off CLIP vision weights (heads = width / 64), loaded."""
+    sd = _visual_state_dict(source, name)
+    try:
+        width, _, patch, _ = (int(n) for n in sd["conv1.weight"].shape)
+        grid = int(round((sd["positional_embedding"].shape[0] - 1) ** 0.5))
+        depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
+        out = int(sd["proj"].shape[1])
+    except (KeyError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"{name}: not in the CLIP vision-tower layout ({exc})") from exc
+    model = FaRLEncoder(image_size=grid * patch, patch_size=patch, width=width, layers=depth,
+                        heads=max(1, width // 64), output_dim=out)
+    return load_farl_state_dict(model, sd)

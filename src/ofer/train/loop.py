@@ -34,8 +34,8 @@ from torch import nn
 
 from ..config import config_to_dict, save_config
 from ..errors import CheckpointError, ConfigError, OferError
-from .checkpoint import read_checkpoint, save_checkpoint
-from .dist import DistInfo, all_reduce_mean, any_flag, barrier, init_distributed
+from ..models.checkpoint import read_checkpoint, save_checkpoint
+from ..device import DistInfo, all_reduce_mean, any_flag, barrier, init_distributed
 from .ema import EMA
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The three training tasks: IdGen, ExpGen and IdRank on top of :mod:`ofer.train.loop`.
 
-Each trained module is a :class:`ConditionedModel` (image encoders + one head) so that a
+Each trained module is a :class:`~ofer.models.ConditionedModel` (image encoders + one head) so that a
 checkpoint's ``"model"``/``"ema"`` state_dict holds everything inference needs:
 
 * IdGen:  ``arcface.*`` (IResNet) + ``head.*`` (``ofer.models.IdGen``); cond = normalize(ArcFace).
@@ -26,15 +26,15 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..io import write_mesh
+from ..models.conditioned import ConditionedModel
 from .loop import TrainTask, flatten_views
 
 __all__ = [
-    "ConditionedModel",
     "IdGenTask",
     "ExpGenTask",
     "IdRankTask",
     "vertex_error_mm",
-    "write_ply",
 ]
 
 log = logging.getLogger("ofer.train")
@@ -42,52 +42,13 @@ log = logging.getLogger("ofer.train")
 VertexFn = Callable[..., torch.Tensor]  # (shape_coeffs, exp_coeffs=None, jaw_pose=None) -> (B,V,3) m
 
 
-class ConditionedModel(nn.Module):
-    """Image encoders + a head. ``condition`` builds the OFER condition vector.
-
-    Args:
-        head: IdGen / ExpGen / IdRank.
-        arcface: IResNet (its output is L2-normalised here).
-        farl: optional FaRL encoder; when present cond = ``cat([farl(x224), arcface])``.
-    """
-
-    def __init__(self, head: nn.Module, arcface: nn.Module, farl: Optional[nn.Module] = None) -> None:
-        super().__init__()
-        self.farl = farl
-        self.arcface = arcface
-        self.head = head
-
-    def condition(self, arcface_x: torch.Tensor, farl_x: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B,3,112,112) [and (B,3,S,S)] -> (B,512) or (B,512+E) float32."""
-        a = torch.nn.functional.normalize(self.arcface(arcface_x).float(), dim=-1)
-        if self.farl is None:
-            return a
-        return torch.cat([self.farl(farl_x).float(), a], dim=-1)
-
-
 def _cond(model: ConditionedModel, b: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model.condition(b["arcface"], b.get("farl") if model.farl is not None else None)
+    return model.condition_of_batch(b)
 
 
 def vertex_error_mm(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """Mean per-vertex Euclidean distance in mm: (...,V,3) metres -> (...)."""
     return (pred - gt).norm(dim=-1).mean(-1) * 1000.0
-
-
-def write_ply(path: str | Path, vertices_mm: np.ndarray, faces: Optional[np.ndarray] = None) -> None:
-    """ASCII PLY of a mesh (or a point cloud when ``faces`` is None); coordinates in mm."""
-    v = np.asarray(vertices_mm, dtype=np.float64)
-    lines = ["ply", "format ascii 1.0", "comment units: millimetres", f"element vertex {len(v)}",
-             "property float x", "property float y", "property float z"]
-    if faces is not None:
-        lines += [f"element face {len(faces)}", "property list uchar int vertex_indices"]
-    lines.append("end_header")
-    lines += [f"{x:.4f} {y:.4f} {z:.4f}" for x, y, z in v]
-    if faces is not None:
-        lines += ["3 " + " ".join(str(int(i)) for i in f) for f in np.asarray(faces)]
-    from .checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 
 def _val_batches(dataset: Any, max_items: int, chunk: int = 8):
@@ -202,7 +163,7 @@ class IdGenTask(_GenTask):
             if "farl" not in b:
                 raise ConfigError("config key 'val.idrank_checkpoint': the validation batches hold no "
                                   "FaRL crops ('farl'); build the held-out set with "
-                                  "build_datasets(..., val_farl_size=ranker.farl.image_size)")
+                                  "build_datasets(..., val_farl=True)")
             farl_x = b["farl"].float()
         r.to(verts.device).eval()
         with torch.no_grad(), torch.autocast(device_type=verts.device.type, enabled=False):
@@ -246,9 +207,8 @@ class IdGenTask(_GenTask):
         s = self._sample(model, b, generator, n=4)[0]
         out_dir = Path(out_dir)
         for i, v in enumerate(self._verts(s)):
-            write_ply(out_dir / f"sample{i}.ply", v.cpu().numpy() * 1000.0, self.faces)
-        write_ply(out_dir / "gt.ply", self._verts(self.target(b).float())[0].cpu().numpy() * 1000.0,
-                  self.faces)
+            write_mesh(out_dir / f"sample{i}.ply", v, self.faces, binary=False)
+        write_mesh(out_dir / "gt.ply", self._verts(self.target(b).float())[0], self.faces, binary=False)
 
 
 class ExpGenTask(_GenTask):
@@ -296,7 +256,7 @@ class ExpGenTask(_GenTask):
         s = self._sample(model, b, generator, n=4)[0]
         shape = b["shape_coeffs"][:1].float().expand(len(s), -1)
         for i, v in enumerate(self._verts(shape, s)):
-            write_ply(Path(out_dir) / f"sample{i}.ply", v.cpu().numpy() * 1000.0, self.faces)
+            write_mesh(Path(out_dir) / f"sample{i}.ply", v, self.faces, binary=False)
 
 
 class IdRankTask(TrainTask):

@@ -1,5 +1,7 @@
 """Checkpoint files: atomic writes and safe (``weights_only``) reads.
 
+Files are written through :func:`ofer.io.atomic_write_bytes`.
+
 Our checkpoints hold tensors and plain containers only, so ``torch.load(path,
 weights_only=True)`` reads them. Layout::
 
@@ -13,37 +15,17 @@ Training checkpoints add the loop state (RNG, ``best_metric`` and the
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
+from ..io import atomic_write_bytes
+
+__all__ = ["FORMAT_VERSION", "save_checkpoint", "read_checkpoint"]
 
 FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path: str | os.PathLike, writer) -> None:
-    """Write a file atomically: ``writer(fileobj)`` fills a temp file that is then renamed.
-
-    A crash at any moment leaves either the old file or the new one, never a torn file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:

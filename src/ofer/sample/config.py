@@ -1,0 +1,102 @@
+"""The sampling configuration (``configs/sample.yaml``): :class:`SampleConfig` and its presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ..config import check_key
+from ..diffusion.samplers import METHODS
+
+__all__ = ["SampleConfig", "FlameSection", "CheckpointSection", "DetectorSection", "PRESETS"]
+
+#: Sampler settings of the presets: (idgen method, idgen steps, expgen method, expgen steps).
+PRESETS = {
+    "fast": ("dpmpp_2m", 20, "dpmpp_2m", 20),
+    # the released pipeline: strided legacy DDIM (251 evaluations) and ancestral DDPM (1000)
+    "faithful": ("legacy_ddim", None, "ddpm", 1000),
+}
+
+
+@dataclass
+class FlameSection:
+    """FLAME assets (relative to ``data_root``)."""
+
+    model_path: str = "FLAME2020/generic_model.pkl"
+    landmark_embedding_path: str = "FLAME2020/landmark_embedding.npy"
+
+
+@dataclass
+class CheckpointSection:
+    """The three trained models: our ``.pt`` checkpoints or the official OFER ``.tar`` files."""
+
+    idgen: str = "checkpoints/model_idgen_flame20.tar"
+    expgen: str = "checkpoints/model_expgen_flame20.tar"
+    idrank: str = "checkpoints/model_idrank.tar"
+    #: Front-face vertex indices for an official IdRank file (ours carry them):
+    #: the original ``frontindices.npy`` or a ``FLAME_masks.pkl``.
+    ranker_vertex_indices: Optional[str] = "pretrained/frontindices.npy"
+
+
+@dataclass
+class DetectorSection:
+    """Face detection. ``auto``: SCRFD when installed and its weights exist, else sidecars only."""
+
+    mode: Literal["auto", "scrfd", "none"] = "auto"
+    model_dir: Optional[str] = None
+    name: str = "antelopev2"
+    det_size: int = 640
+    det_thresh: float = 0.5
+
+
+@dataclass
+class SampleConfig:
+    """Sampling reconstructions for a folder of images (``sample.py``)."""
+
+    data_root: str = "data"
+    device: str = "auto"
+    seed: int = 0
+    preset: Literal["fast", "faithful"] = "fast"
+    n_identities: int = 100
+    n_expressions: int = 100
+    save_expressions: int = 15
+    idgen_sampler: Optional[str] = None  # None: the preset's
+    idgen_steps: Optional[int] = None
+    expgen_sampler: Optional[str] = None
+    expgen_steps: Optional[int] = None
+    jaw_scale: Optional[float] = None  # None: the ExpGen checkpoint's (0.5 released)
+    #: reproduce the released ranker's ArcFace call on one image (its BatchNorm1d is skipped)
+    ranker_batch1_quirk: Optional[bool] = None  # None: True for "faithful"
+    batch_size: int = 8
+    channel_order: Literal["bgr", "rgb"] = "bgr"
+    aligned: bool = False
+    use_sidecar: bool = True
+    mesh_format: Literal["ply", "obj"] = "ply"
+    preview: bool = True
+    progress: bool = True
+    flame: FlameSection = field(default_factory=FlameSection)
+    checkpoints: CheckpointSection = field(default_factory=CheckpointSection)
+    detector: DetectorSection = field(default_factory=DetectorSection)
+
+    def validate(self, p: str) -> None:
+        check_key(self.n_identities >= 1, p + "n_identities", f"must be >= 1, got {self.n_identities}")
+        check_key(self.n_expressions >= 1, p + "n_expressions", f"must be >= 1, got {self.n_expressions}")
+        check_key(0 <= self.save_expressions <= self.n_expressions, p + "save_expressions",
+               f"must be in [0, n_expressions={self.n_expressions}], got {self.save_expressions}")
+        check_key(self.batch_size >= 1, p + "batch_size", f"must be >= 1, got {self.batch_size}")
+        for key in ("idgen_sampler", "expgen_sampler"):
+            v = getattr(self, key)
+            check_key(v is None or v in METHODS, p + key, f"must be one of {list(METHODS)}, got {v!r}")
+        check_key(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+               p + "device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+    # resolved settings -------------------------------------------------------------
+    def sampler(self, which: str) -> tuple[str, Optional[int]]:
+        idm, ids, exm, exs = PRESETS[self.preset]
+        if which == "idgen":
+            return self.idgen_sampler or idm, self.idgen_steps if self.idgen_steps is not None else ids
+        return self.expgen_sampler or exm, self.expgen_steps if self.expgen_steps is not None else exs
+
+    @property
+    def batch1_quirk(self) -> bool:
+        return self.preset == "faithful" if self.ranker_batch1_quirk is None else self.ranker_batch1_quirk

@@ -1,0 +1,226 @@
+"""Images -> ranked identity + expression hypotheses: :class:`Reconstructor`.
+
+For a batch of aligned faces: the encoders (each distinct encoder once) -> IdGen draws N
+identity (shape) hypotheses -> FLAME -> IdRank scores them -> the best identity -> ExpGen draws
+M expressions (expression coefficients + jaw) -> FLAME on that identity. All N (or M)
+hypotheses of all images of a batch go through one batched sampling loop. Hypothesis k of an
+image depends only on (seed, the image's index, k), never on the batch size or order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import resolve_path
+from ..device import resolve_device
+from ..errors import AssetError, CheckpointError, ConfigError
+from ..flame import FLAME
+from ..models.conditioned import ConditionedModel
+from ..models.loading import load_model
+from .config import SampleConfig
+
+__all__ = ["Reconstructor", "ImageResult", "STAGES", "image_seed_index"]
+
+STAGES = ("prepare", "encoders", "idgen", "flame", "idrank", "expgen", "writing")
+
+
+def image_seed_index(relpath: str) -> int:
+    """Stable per-image index for the noise streams: a hash of the image's relative path."""
+    # surrogateescape: a file name that is not valid UTF-8 still has a stable index
+    digest = hashlib.sha1(relpath.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _same_weights(a: nn.Module | None, b: nn.Module | None) -> bool:
+    if a is None or b is None or type(a) is not type(b):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@dataclass
+class ImageResult:
+    """Everything sampled for one image (tensors on the CPU, FLAME units: metres)."""
+
+    shape_coeffs: torch.Tensor  # (N, n_shape)
+    scores: torch.Tensor  # (N,)
+    ranked_index: int
+    identity_vertices: torch.Tensor  # (V, 3) the ranked identity, neutral
+    worst_vertices: torch.Tensor  # (V, 3) the lowest-scored identity
+    landmarks68: torch.Tensor  # (68, 3)
+    landmarks7: torch.Tensor  # (7, 3)
+    exp_coeffs: torch.Tensor  # (M, n_exp)
+    jaw_pose: torch.Tensor  # (M, 3) after the jaw scale
+    expression_vertices: torch.Tensor  # (S, V, 3) the first S expressions
+
+
+class Reconstructor:
+    """IdGen + IdRank + ExpGen + FLAME, batched over images and hypotheses.
+
+    Args:
+        idgen, idrank, expgen: :class:`~ofer.models.ConditionedModel` s.
+        flame_id: FLAME layer for identities (``n_exp`` any).
+        flame_exp: FLAME layer with ExpGen's ``n_exp`` expression coefficients.
+        cfg: the sampling settings.
+    """
+
+    def __init__(self, idgen: ConditionedModel, idrank: ConditionedModel, expgen: ConditionedModel,
+                 flame_id: nn.Module, flame_exp: nn.Module, cfg: SampleConfig, device: torch.device) -> None:
+        self.idgen, self.idrank, self.expgen = idgen, idrank, expgen
+        self.models = {"idgen": idgen, "idrank": idrank, "expgen": expgen}
+        self.flame_id, self.flame_exp = flame_id, flame_exp
+        self.cfg, self.device = cfg, device
+        if cfg.jaw_scale is not None:
+            expgen.head.jaw_scale = float(cfg.jaw_scale)
+        # encoders that hold the same weights are evaluated once per batch
+        self._arc_alias = self._aliases({k: m.arcface for k, m in self.models.items()})
+        self._farl_alias = self._aliases({k: m.farl for k, m in self.models.items() if m.farl is not None})
+        for which, model in (("idgen", idgen), ("expgen", expgen)):
+            method, steps = cfg.sampler(which)
+            T = model.head.var_sched.num_steps
+            if method == "legacy_ddim" and steps is not None:
+                raise ConfigError(f"config key '{which}_steps' must be null for legacy_ddim (fixed stride 4)")
+            if method == "ddpm" and steps not in (None, T):
+                raise ConfigError(f"config key '{which}_steps' must be null or {T} for ddpm "
+                                  f"(use ddim or dpmpp_2m for fewer steps), got {steps}")
+        if flame_id.num_vertices != flame_exp.num_vertices:
+            raise AssetError("the identity and expression FLAME layers have different vertex counts")
+
+    @staticmethod
+    def _aliases(mods: dict[str, nn.Module | None]) -> dict[str, str]:
+        names = list(mods)
+        alias = {}
+        for i, n in enumerate(names):
+            alias[n] = next((m for m in names[:i] if alias.get(m) == m and _same_weights(mods[m], mods[n])), n)
+        return alias
+
+    @classmethod
+    def from_config(cls, cfg: SampleConfig, device: torch.device | None = None) -> "Reconstructor":
+        device = device or resolve_device(cfg.device)
+        root = cfg.data_root
+        ck = cfg.checkpoints
+        vidx = resolve_path(root, ck.ranker_vertex_indices)
+        models = {}
+        for kind in ("idgen", "expgen", "idrank"):
+            try:
+                models[kind] = load_model(resolve_path(root, getattr(ck, kind)), kind, vertex_indices=vidx)
+            except CheckpointError as exc:
+                raise CheckpointError(f"config key 'checkpoints.{kind}': {exc}") from exc
+            except AssetError as exc:
+                raise AssetError(f"config key 'checkpoints.ranker_vertex_indices': {exc}") from exc
+        idgen, expgen, idrank = models["idgen"], models["expgen"], models["idrank"]
+        model_path = resolve_path(root, cfg.flame.model_path)
+        lmk_path = resolve_path(root, cfg.flame.landmark_embedding_path)
+        n_shape = idgen.head.param_dim
+        flame_id = FLAME(model_path, lmk_path, n_shape=n_shape, n_exp=0)
+        flame_exp = FLAME(model_path, None, n_shape=n_shape, n_exp=expgen.head.n_exp)
+        if cfg.batch1_quirk:
+            idrank.arcface.skip_bn1d_for_batch1 = True
+        mods = [m.to(device).eval() for m in (idgen, idrank, expgen, flame_id, flame_exp)]
+        return cls(*mods[:3], *mods[3:], cfg=cfg, device=device)
+
+    # ------------------------------------------------------------------------------
+    def _encode(self, arcface_x: torch.Tensor, farl_rgb: torch.Tensor, timer: dict) -> dict[str, torch.Tensor]:
+        """Condition vectors of the three models; an encoder shared by several runs once."""
+        t0 = time.perf_counter()
+        arc: dict[str, torch.Tensor] = {}
+        far: dict[str, torch.Tensor] = {}
+        conds = {}
+        for name, model in self.models.items():
+            # the released ranker encoded each image alone (BatchNorm1d skipped at B = 1)
+            alone = name == "idrank" and self.cfg.batch1_quirk
+            key = self._arc_alias[name]
+            if alone or key not in arc:
+                emb = model.encode_arcface(arcface_x, one_at_a_time=alone)
+                if alone:
+                    key = name + "/alone"
+                arc[key] = emb
+            farl = None
+            if model.farl is not None:
+                fkey = self._farl_alias[name]
+                if fkey not in far:
+                    far[fkey] = model.encode_farl(farl_rgb)
+                farl = far[fkey]
+            conds[name] = model.assemble(arc[key], farl)
+        timer["encoders"] += time.perf_counter() - t0
+        return conds
+
+    @torch.inference_mode()
+    def reconstruct(self, arcface_x: torch.Tensor, farl_rgb: torch.Tensor, image_indices: list[int],
+                    timer: dict | None = None) -> list[ImageResult]:
+        """Reconstruct a batch.
+
+        Args:
+            arcface_x: (B, 3, 112, 112) ArcFace inputs in [-1, 1].
+            farl_rgb: (B, 3, 224, 224) face crops, RGB uint8 or float in [0, 1] (each
+                model prepares them for its FaRL).
+            image_indices: (B,) stable per-image indices (see :func:`image_seed_index`).
+            timer: optional dict of per-stage seconds, accumulated.
+        """
+        cfg = self.cfg
+        timer = timer if timer is not None else {s: 0.0 for s in STAGES}
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        arcface_x, farl_rgb = arcface_x.to(self.device), farl_rgb.to(self.device)
+        B, N, M = arcface_x.shape[0], cfg.n_identities, cfg.n_expressions
+        conds = self._encode(arcface_x, farl_rgb, timer)
+
+        t0 = time.perf_counter()
+        method, steps = cfg.sampler("idgen")
+        shapes = self.idgen.head.sample(conds["idgen"], N, method=method, steps=steps, seed=cfg.seed,
+                                        image_indices=image_indices)  # (B, N, n_shape)
+        sync()
+        timer["idgen"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        out = self.flame_id(shape_coeffs=shapes.reshape(B * N, -1))
+        verts = out.vertices.reshape(B, N, -1, 3)
+        sync()
+        timer["flame"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        rank = self.idrank.head
+        scores = rank(rank.features(verts), conds["idrank"])  # (B, N)
+        best = rank.select(scores)
+        worst = scores.argmin(dim=1)
+        sync()
+        timer["idrank"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        method, steps = cfg.sampler("expgen")
+        x = self.expgen.head.sample(conds["expgen"], M, method=method, steps=steps, seed=cfg.seed + 1,
+                                    image_indices=image_indices)  # (B, M, n_exp + 3)
+        exp_coeffs, jaw = self.expgen.head.split(x)
+        sync()
+        timer["expgen"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        b_idx = torch.arange(B, device=self.device)
+        best_shape = shapes[b_idx, best]  # (B, n_shape)
+        S = cfg.save_expressions
+        exp_verts = None
+        if S:
+            exp_verts = self.flame_exp(
+                shape_coeffs=best_shape.repeat_interleave(S, dim=0),
+                exp_coeffs=exp_coeffs[:, :S].reshape(B * S, -1),
+                jaw_pose=jaw[:, :S].reshape(B * S, 3),
+            ).vertices.reshape(B, S, -1, 3)
+        sync()
+        timer["flame"] += time.perf_counter() - t0
+
+        results = []
+        for i in range(B):
+            results.append(ImageResult(
+                shape_coeffs=shapes[i].cpu(), scores=scores[i].float().cpu(), ranked_index=int(best[i]),
+                identity_vertices=verts[i, best[i]].cpu(), worst_vertices=verts[i, worst[i]].cpu(),
+                landmarks68=out.landmarks68.reshape(B, N, 68, 3)[i, best[i]].cpu(),
+                landmarks7=out.landmarks7.reshape(B, N, 7, 3)[i, best[i]].cpu(),
+                exp_coeffs=exp_coeffs[i].cpu(), jaw_pose=jaw[i].cpu(),
+                expression_vertices=(exp_verts[i].cpu() if exp_verts is not None
+                                     else torch.zeros(0, verts.shape[2], 3)),
+            ))
+        return results
