@@ -109,6 +109,21 @@ def test_listnet_loss_matches_cross_entropy_with_soft_targets_and_has_gradient()
     assert torch.isfinite(scores.grad).all() and scores.grad.abs().sum() > 0
 
 
+def test_listnet_loss_per_example():
+    g = torch.Generator().manual_seed(4)
+    scores, err = torch.randn(4, 6, generator=g), torch.rand(4, 6, generator=g) * 5
+    per = listnet_loss(scores, err, temperature=2.0, reduction="none")
+    # naive float64 reference: each row's cross-entropy against softmax(-e / T)
+    s, e = scores.double().numpy(), err.double().numpy()
+    target = np.exp(-e / 2.0) / np.exp(-e / 2.0).sum(1, keepdims=True)
+    log_p = s - np.log(np.exp(s).sum(1, keepdims=True))
+    np.testing.assert_allclose(per.numpy(), -(target * log_p).sum(1), rtol=1e-5)
+    assert per.shape == (4,)
+    assert torch.equal(per.mean(), listnet_loss(scores, err, temperature=2.0))
+    with pytest.raises(ValueError, match="reduction"):
+        listnet_loss(scores, err, reduction="sum")
+
+
 def test_vertex_index_sources(tmp_path):
     idx = np.array([3, 1, 7], dtype=np.int64)
     np.save(tmp_path / "front.npy", idx)

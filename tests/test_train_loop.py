@@ -159,3 +159,54 @@ def test_kill_9_leaves_a_loadable_checkpoint_and_resume_matches(tmp_path):
     torch.manual_seed(0)
     ref = run_training(toy_config(tmp_path / "ref", **{"train.max_steps": k + 4}), ToyTask(), ToyData())
     assert resumed.losses == ref.losses[k:]
+
+
+def test_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
+    data = ToyData()
+    run_training(toy_config(tmp_path, **{"train.max_steps": 4}), _fresh_task(), data)
+    latest = (tmp_path / "checkpoints" / "latest.pt").resolve()
+    reads = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kw):
+        reads.append(Path(f).resolve() if isinstance(f, (str, os.PathLike)) else f)
+        return real_load(f, *args, **kw)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    res = run_training(toy_config(tmp_path, **{"train.max_steps": 6, "resume": "true"}), _fresh_task(), data)
+    assert res.step == 6 and len(res.losses) == 2  # it did resume, at step 4
+    assert reads == [latest]
+
+
+class _GradNaNTask(ToyTask):
+    """A finite loss whose gradient is NaN from the ``bad_at``-th loss call on."""
+
+    def __init__(self, bad_at: int):
+        super().__init__()
+        self.bad_at = bad_at
+
+    def loss(self, model, batch, generator):
+        loss, stats = super().loss(model, batch, generator)
+        if self.calls >= self.bad_at:
+            w = model.generator[0].weight
+            # value 0 * sqrt(0) = 0; gradient 0 * 1 / (2 sqrt(0)) = NaN
+            loss = loss + 0.0 * torch.sqrt(w - w.detach()).sum()
+        return loss, stats
+
+
+def test_nan_gradient_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = toy_config(tmp_path, **{"train.max_steps": 10, "train.ckpt_every": 1, "train.tensorboard": "true"})
+    torch.manual_seed(0)
+    task = _GradNaNTask(bad_at=3)
+    with pytest.raises(TrainingDiverged) as e:
+        run_training(cfg, task, ToyData())
+    assert str(e.value).startswith("non-finite gradient norm at step 2; stopped, the last good checkpoint is ")
+    assert str(e.value).endswith(str(tmp_path / "checkpoints" / "latest.pt"))
+    ck = read_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    assert ck["step"] == 2
+    # the parameters are those of step 2: AdamW never stepped with the NaN gradient
+    for name, v in task.model.named_parameters():
+        assert torch.equal(v, ck["model"][name]), name
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    # nothing half-written is left behind
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "latest.pt"]

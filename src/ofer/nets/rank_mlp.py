@@ -172,14 +172,20 @@ def vertex_errors_mm(vertices: Tensor, gt_vertices: Tensor,
     return diff.abs().mean(dim=(-2, -1))
 
 
-def listnet_loss(scores: Tensor, errors_mm: Tensor, temperature: float = 1.0) -> Tensor:
+def listnet_loss(scores: Tensor, errors_mm: Tensor, temperature: float = 1.0,
+                 reduction: str = "mean") -> Tensor:
     """ListNet top-1 loss: ``mean_b( -sum_n softmax(-e_b / T)_n * log_softmax(s_b)_n )``.
 
-    Args: scores (B, N); errors_mm (B, N) (targets are computed without gradient).
-    Returns: scalar.
+    Args: scores (B, N); errors_mm (B, N) (targets are computed without gradient);
+        reduction: ``"mean"`` over the batch, or ``"none"`` for each example's loss.
+    Returns: scalar, or (B,) with ``reduction="none"``.
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     with torch.no_grad():
         target = torch.softmax(-errors_mm / temperature, dim=-1)
+    if reduction == "none":
+        return -(target * torch.log_softmax(scores, dim=-1)).sum(-1)
     return -(target * torch.log_softmax(scores, dim=-1)).sum(-1).mean()
 
 

@@ -195,220 +195,299 @@ def run_training(
         TrainingDiverged: a non-finite loss or gradient (nothing is saved for that step).
         CheckpointError: ``resume`` finds a checkpoint of another kind.
     """
-    from ..data.datasets import StreamBatchSampler
+    return _TrainingRun(cfg, task, train_set, val_set, dist, on_step).run()
 
-    dist = dist or init_distributed(cfg.train.device)
-    device = dist.device
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    _setup_logging(run_dir, dist.is_main)
-    if cfg.data.actors_per_batch % dist.world_size:
-        raise ConfigError(f"config key 'data.actors_per_batch' ({cfg.data.actors_per_batch}) must be "
-                          f"divisible by the number of processes ({dist.world_size})")
-    local_batch = cfg.data.actors_per_batch // dist.world_size
 
-    model = task.model.to(device)
-    groups = task.param_groups()
-    for g in groups:
-        g["params"] = [p for p in g["params"] if p.requires_grad]
-        g.setdefault("initial_lr", g["lr"])
-    groups = [g for g in groups if g["params"]]
-    opt = torch.optim.AdamW(groups, lr=groups[0]["lr"] if groups else 0.0,
-                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay, foreach=True if groups else None)
-    ema = EMA(model, cfg.ema.decay, task.ema_prefixes) if cfg.ema.enabled else None
+class _TrainingRun:
+    """One :func:`run_training` call: its state and its stages, in the order :meth:`run` runs them.
 
-    # ---- resume -------------------------------------------------------------------------
-    step, best = 0, math.inf
-    # what selects best.pt: the task's validation metric, else the mean training loss
-    best_name = task.metric_name if (val_set is not None and cfg.train.val_every) else "train/loss"
-    ckpt_path = latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt_path is not None:
+    The order matters for exact resume: the global torch RNG is restored from the checkpoint
+    before anything that draws from it (the data loader's iterator draws its base seed).
+    """
+
+    def __init__(self, cfg: Any, task: TrainTask, train_set: Any, val_set: Any,
+                 dist: Optional[DistInfo], on_step: Optional[Callable[[int, float], None]]) -> None:
+        """Setup: process placement and device, run folder, log file, per-process batch size."""
+        self.cfg, self.task, self.on_step = cfg, task, on_step
+        self.train_set, self.val_set = train_set, val_set
+        self.dist = dist or init_distributed(cfg.train.device)
+        self.device = self.dist.device
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        _setup_logging(self.run_dir, self.dist.is_main)
+        if cfg.data.actors_per_batch % self.dist.world_size:
+            raise ConfigError(f"config key 'data.actors_per_batch' ({cfg.data.actors_per_batch}) must be "
+                              f"divisible by the number of processes ({self.dist.world_size})")
+        self.local_batch = cfg.data.actors_per_batch // self.dist.world_size
+        self.step, self.best = 0, math.inf
+        # what selects best.pt: the task's validation metric, else the mean training loss
+        validates = val_set is not None and cfg.train.val_every
+        self.best_name = task.metric_name if validates else "train/loss"
+        self.window: list[float] = []  # global losses since the last checkpoint
+        self.writer: Any = None
+        self.bar: Any = None
+
+    def run(self) -> TrainResult:
+        """All stages: optimiser, resume, EMA, DDP, logging, data, the step loop, teardown."""
+        self._build_optimizer()
+        resumed = self._resume()
+        self._place_ema(fresh=not resumed)
+        if self.dist.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        self._wrap_model()
+        self._open_writer()
+        loader = self._make_loader()
+        self.result = TrainResult(step=self.step, run_dir=self.run_dir, best_metric=self.best)
+        self._open_progress_bar()
+        self.last_saved = self.step if resumed else -1
+        self.model.train()
+        try:
+            self._train(loader)
+        finally:
+            self._teardown()
+        self.result.step = self.step
+        return self.result
+
+    # ---- setup --------------------------------------------------------------------------
+    def _build_optimizer(self) -> None:
+        """The model on its device, AdamW over the trainable parameters of each group, the EMA."""
+        cfg = self.cfg
+        self.model = self.task.model.to(self.device)
+        groups = self.task.param_groups()
+        for g in groups:
+            g["params"] = [p for p in g["params"] if p.requires_grad]
+            g.setdefault("initial_lr", g["lr"])
+        groups = [g for g in groups if g["params"]]
+        self.opt = torch.optim.AdamW(groups, lr=groups[0]["lr"] if groups else 0.0,
+                                     betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                     weight_decay=cfg.optim.weight_decay,
+                                     foreach=True if groups else None)
+        self.params = [p for g in groups for p in g["params"]]
+        self.ema = EMA(self.model, cfg.ema.decay, self.task.ema_prefixes) if cfg.ema.enabled else None
+
+    def _resume(self) -> bool:
+        """With ``resume``, restore the loop state from ``latest.pt`` (read once); True if it did."""
+        cfg, dist = self.cfg, self.dist
+        ckpt_path = latest_checkpoint(self.run_dir) if cfg.resume else None
+        if ckpt_path is None:
+            if cfg.resume and dist.is_main:
+                log.info("resume=true but no checkpoint in %s: starting from step 0", self.ckpt_dir)
+            return False
         ck = read_checkpoint(ckpt_path, map_location="cpu")
-        if ck.get("kind") != task.kind:
+        if ck.get("kind") != self.task.kind:
             raise CheckpointError(f"checkpoint {ckpt_path} is a {ck.get('kind')!r} checkpoint, "
-                                  f"expected {task.kind!r}")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if ema is not None and ck.get("ema") is not None:
-            ema.load_state_dict(ck["ema"])
-        step = int(ck["step"])
-        best = float(ck.get("best_metric", math.inf))
-        if ck.get("best_metric_name", best_name) != best_name:
+                                  f"expected {self.task.kind!r}")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        if self.ema is not None and ck.get("ema") is not None:
+            self.ema.load_state_dict(ck["ema"])
+        self.step = int(ck["step"])
+        self.best = float(ck.get("best_metric", math.inf))
+        if ck.get("best_metric_name", self.best_name) != self.best_name:
             # e.g. IdGen validation gained or lost its ranker: the old best is not comparable
             if dist.is_main:
                 log.info("best.pt was selected by %s, this run selects by %s: the best metric "
-                         "starts afresh", ck["best_metric_name"], best_name)
-            best = math.inf
+                         "starts afresh", ck["best_metric_name"], self.best_name)
+            self.best = math.inf
         rng = ck.get("rng") or {}
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         if dist.is_main:
-            log.info("resumed from %s at step %d", ckpt_path, step)
-    elif cfg.resume and dist.is_main:
-        log.info("resume=true but no checkpoint in %s: starting from step 0", ckpt_dir)
-    if ema is not None:
-        for name, s in ema.shadow.items():
-            ema.shadow[name] = s.to(device)
-        if ckpt_path is None:
-            ema.update(model, decay=0.0)
+            log.info("resumed from %s at step %d", ckpt_path, self.step)
+        return True
 
-    if dist.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+    def _place_ema(self, fresh: bool) -> None:
+        """Move the EMA to the device; a fresh run starts it from the current weights."""
+        if self.ema is None:
+            return
+        for name, s in self.ema.shadow.items():
+            self.ema.shadow[name] = s.to(self.device)
+        if fresh:
+            self.ema.update(self.model, decay=0.0)
 
-    # ---- DDP ------------------------------------------------------------------------------
-    loss_module: nn.Module = _LossModule(task)
-    if dist.distributed:
-        loss_module = nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    def _wrap_model(self) -> None:
+        """The module the step calls: the task's loss, under DDP when distributed; bf16 or not."""
+        device, precision = self.device, self.cfg.train.precision
+        self.loss_module: nn.Module = _LossModule(self.task)
+        if self.dist.distributed:
+            self.loss_module = nn.parallel.DistributedDataParallel(
+                self.loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+        self.use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    params = [p for g in groups for p in g["params"]]
-
-    writer = None
-    if dist.is_main and cfg.train.tensorboard:
+    def _open_writer(self) -> None:
+        """TensorBoard writer on rank 0 when ``train.tensorboard``."""
+        if not (self.dist.is_main and self.cfg.train.tensorboard):
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(run_dir / "tb"))
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
         except ImportError:  # pragma: no cover - tensorboard is a dependency
             log.warning("tensorboard is not installed: no TensorBoard scalars")
 
-    sampler = StreamBatchSampler(len(train_set), local_batch, seed=cfg.seed, rank=dist.rank,
-                                 world_size=dist.world_size, start_step=step)
-    nw = cfg.data.num_workers
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_sampler=sampler, num_workers=nw, pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=2 if nw > 0 else None)
+    def _make_loader(self) -> torch.utils.data.DataLoader:
+        """This rank's batch stream, starting at the current step."""
+        from ..data.datasets import StreamBatchSampler
 
-    result = TrainResult(step=step, run_dir=run_dir, best_metric=best)
-    bar = None
-    if dist.is_main and cfg.train.progress:
-        from tqdm.auto import tqdm
+        cfg, dist = self.cfg, self.dist
+        sampler = StreamBatchSampler(len(self.train_set), self.local_batch, seed=cfg.seed,
+                                     rank=dist.rank, world_size=dist.world_size, start_step=self.step)
+        nw = cfg.data.num_workers
+        return torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=sampler, num_workers=nw,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            prefetch_factor=2 if nw > 0 else None)
 
-        bar = tqdm(total=cfg.train.max_steps, initial=step, desc=task.kind, dynamic_ncols=True)
+    def _open_progress_bar(self) -> None:
+        """tqdm bar on rank 0 when ``train.progress``."""
+        if self.dist.is_main and self.cfg.train.progress:
+            from tqdm.auto import tqdm
 
-    window: list[float] = []
-    last_saved = step if ckpt_path is not None else -1
+            self.bar = tqdm(total=self.cfg.train.max_steps, initial=self.step, desc=self.task.kind,
+                            dynamic_ncols=True)
 
-    def save(path_name: str) -> None:
-        payload = {
-            "model": model.state_dict(),
-            "ema": ema.full_state_dict(model) if ema is not None else None,
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "config": config_to_dict(cfg),
-            "kind": task.kind,
-            "rng": {"torch": torch.get_rng_state()},
-            "best_metric": best if math.isfinite(best) else float("inf"),
-            "best_metric_name": best_name,
-        }
-        save_checkpoint(ckpt_dir / path_name, payload)
+    # ---- the loop -----------------------------------------------------------------------
+    def _train(self, loader: torch.utils.data.DataLoader) -> None:
+        """Steps until ``train.max_steps``; then ``latest.pt`` unless this step is already saved."""
+        it = iter(loader)
+        try:
+            while self.step < self.cfg.train.max_steps:
+                t0 = time.perf_counter()
+                batch = _to_device(next(it), self.device)
+                t1 = time.perf_counter()
+                loss, stats, gnorm = self._optimizer_step(batch)
+                t2 = time.perf_counter()
+                self.result.data_seconds += t1 - t0
+                self.result.compute_seconds += t2 - t1
+                self._record(loss, stats, gnorm)
+                self._periodic()
+            if self.dist.is_main and self.last_saved != self.step:
+                self._save("latest.pt")
+        finally:
+            del it  # loader workers end now, not when a caught exception is freed
 
-    def evaluate_and_sample(do_val: bool, do_samples: bool) -> Optional[float]:
+    def _optimizer_step(self, batch: dict[str, torch.Tensor]):
+        """One step: LR, loss, NaN guard, backward, clipping, NaN guard, AdamW, EMA.
+
+        Returns ``(loss, stats, grad_norm)`` of the step; ``self.step`` is advanced.
+        """
+        cfg, device, step = self.cfg, self.device, self.step
+        f = lr_factor(step, cfg.train.max_steps, cfg.optim.warmup_steps, cfg.optim.lr_schedule)
+        for g in self.opt.param_groups:
+            g["lr"] = g["initial_lr"] * f
+        gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, self.dist.rank))
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            loss, stats = self.loss_module(batch, gen)
+        loss = loss.float()
+        if cfg.train.nan_guard and any_flag(not bool(torch.isfinite(loss)), device):
+            raise TrainingDiverged(
+                f"non-finite loss at step {step} ({loss.item()}); stopped, the last good "
+                f"checkpoint is {self.ckpt_dir / 'latest.pt'}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip) if self.params else torch.zeros(())
+        if cfg.train.nan_guard and any_flag(not bool(torch.isfinite(gnorm)), device):
+            raise TrainingDiverged(
+                f"non-finite gradient norm at step {step}; stopped, the last good checkpoint "
+                f"is {self.ckpt_dir / 'latest.pt'}")
+        self.opt.step()
+        self.step = step = step + 1
+        if self.ema is not None:
+            self.ema.update(self.model, decay=0.0 if step <= cfg.ema.start_step else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return loss, stats, gnorm
+
+    def _record(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], gnorm: torch.Tensor) -> None:
+        """The step's global mean loss into the result, ``on_step``, progress bar and scalars."""
+        gl = float(all_reduce_mean(loss.detach()).item())
+        self.result.losses.append(gl)
+        self.result.step = self.step
+        self.window.append(gl)
+        if self.on_step is not None:
+            self.on_step(self.step, gl)
+        if self.dist.is_main:
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(loss=f"{gl:.4f}")
+            log_every = self.cfg.train.log_every
+            if log_every and self.step % log_every == 0:
+                _log_scalars(self.writer, self.step, gl, stats, self.task.num_steps, self.opt,
+                             float(gnorm))
+
+    def _periodic(self) -> None:
+        """Validation, sample meshes and checkpoints due at this step (rank 0), then a barrier."""
+        t, step, main = self.cfg.train, self.step, self.dist.is_main
+        do_val = bool(t.val_every) and step % t.val_every == 0 and self.val_set is not None
+        do_samples = bool(t.sample_every) and step % t.sample_every == 0
+        do_ckpt = bool(t.ckpt_every) and step % t.ckpt_every == 0
+        if (do_val or do_samples) and main:
+            self._keep_if_best(self._evaluate_and_sample(do_val, do_samples))
+        if do_ckpt and main:
+            if self.val_set is None or not t.val_every:
+                self._keep_if_best(sum(self.window) / max(len(self.window), 1))
+            self.window = []
+            self._save("latest.pt")
+            self.last_saved = step
+        if do_val or do_samples or do_ckpt:
+            barrier()
+
+    # ---- validation and checkpoints -----------------------------------------------------
+    def _evaluate_and_sample(self, do_val: bool, do_samples: bool) -> Optional[float]:
+        """Validate and/or write sample meshes with the EMA weights; the selecting metric or None."""
+        task, model, step = self.task, self.model, self.step
         metric = None
         model.eval()
-        ctx = ema.swapped_in(model) if ema is not None else _nullcontext()
+        ctx = self.ema.swapped_in(model) if self.ema is not None else _nullcontext()
         with ctx, torch.no_grad():
-            if do_val and val_set is not None:
-                g = torch.Generator(device=device).manual_seed(cfg.val.seed)
-                metrics = task.validate(model, val_set, g)
-                result.metrics = dict(metrics)
+            if do_val and self.val_set is not None:
+                g = torch.Generator(device=self.device).manual_seed(self.cfg.val.seed)
+                metrics = task.validate(model, self.val_set, g)
+                self.result.metrics = dict(metrics)
                 for k, v in metrics.items():
-                    if writer is not None:
-                        writer.add_scalar(k, v, step)
+                    if self.writer is not None:
+                        self.writer.add_scalar(k, v, step)
                 log.info("step %d validation: %s", step,
                          ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
                 metric = metrics.get(task.metric_name)
             if do_samples:
-                g = torch.Generator(device=device).manual_seed(cfg.val.seed + 1)
-                task.write_samples(model, val_set if val_set is not None else train_set,
-                                   run_dir / "samples" / f"{step:07d}", g)
+                g = torch.Generator(device=self.device).manual_seed(self.cfg.val.seed + 1)
+                task.write_samples(model, self.val_set if self.val_set is not None else self.train_set,
+                                   self.run_dir / "samples" / f"{step:07d}", g)
         model.train()
         return metric
 
-    model.train()
-    it = iter(loader)
-    try:
-        while step < cfg.train.max_steps:
-            t0 = time.perf_counter()
-            batch = _to_device(next(it), device)
-            t1 = time.perf_counter()
-            f = lr_factor(step, cfg.train.max_steps, cfg.optim.warmup_steps, cfg.optim.lr_schedule)
-            for g in opt.param_groups:
-                g["lr"] = g["initial_lr"] * f
-            gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, dist.rank))
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, stats = loss_module(batch, gen)
-            loss = loss.float()
-            if cfg.train.nan_guard and any_flag(not bool(torch.isfinite(loss)), device):
-                raise TrainingDiverged(
-                    f"non-finite loss at step {step} ({loss.item()}); stopped, the last good "
-                    f"checkpoint is {ckpt_dir / 'latest.pt'}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-            gnorm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
-            if cfg.train.nan_guard and any_flag(not bool(torch.isfinite(gnorm)), device):
-                raise TrainingDiverged(
-                    f"non-finite gradient norm at step {step}; stopped, the last good checkpoint "
-                    f"is {ckpt_dir / 'latest.pt'}")
-            opt.step()
-            step += 1
-            if ema is not None:
-                ema.update(model, decay=0.0 if step <= cfg.ema.start_step else None)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t2 = time.perf_counter()
-            result.data_seconds += t1 - t0
-            result.compute_seconds += t2 - t1
+    def _keep_if_best(self, metric: Optional[float]) -> None:
+        """Write ``best.pt`` when ``metric`` improves on the best so far."""
+        if metric is not None and metric < self.best:
+            self.best = metric
+            self.result.best_metric = metric
+            self._save("best.pt")
 
-            gl = float(all_reduce_mean(loss.detach()).item())
-            result.losses.append(gl)
-            result.step = step
-            window.append(gl)
-            if on_step is not None:
-                on_step(step, gl)
+    def _save(self, path_name: str) -> None:
+        """Checkpoint ``ckpt_dir/path_name`` (atomic) with everything exact resume needs."""
+        ema, model, best = self.ema, self.model, self.best
+        payload = {
+            "model": model.state_dict(),
+            "ema": ema.full_state_dict(model) if ema is not None else None,
+            "optimizer": self.opt.state_dict(),
+            "step": self.step,
+            "config": config_to_dict(self.cfg),
+            "kind": self.task.kind,
+            "rng": {"torch": torch.get_rng_state()},
+            "best_metric": best if math.isfinite(best) else float("inf"),
+            "best_metric_name": self.best_name,
+        }
+        save_checkpoint(self.ckpt_dir / path_name, payload)
 
-            if dist.is_main:
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{gl:.4f}")
-                if cfg.train.log_every and step % cfg.train.log_every == 0:
-                    _log_scalars(writer, step, gl, stats, task.num_steps, opt, float(gnorm))
-
-            do_val = bool(cfg.train.val_every) and step % cfg.train.val_every == 0 and val_set is not None
-            do_samples = bool(cfg.train.sample_every) and step % cfg.train.sample_every == 0
-            do_ckpt = bool(cfg.train.ckpt_every) and step % cfg.train.ckpt_every == 0
-            if (do_val or do_samples) and dist.is_main:
-                metric = evaluate_and_sample(do_val, do_samples)
-                if metric is not None and metric < best:
-                    best = metric
-                    result.best_metric = best
-                    save("best.pt")
-            if do_ckpt and dist.is_main:
-                if val_set is None or not cfg.train.val_every:
-                    m = sum(window) / max(len(window), 1)
-                    if m < best:
-                        best = m
-                        result.best_metric = best
-                        save("best.pt")
-                window = []
-                save("latest.pt")
-                last_saved = step
-            if do_val or do_samples or do_ckpt:
-                barrier()
-        if dist.is_main and last_saved != step:
-            save("latest.pt")
-    finally:
-        del it
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.flush()
-            writer.close()
-    result.step = step
-    return result
+    def _teardown(self) -> None:
+        """Close the progress bar and flush and close the TensorBoard writer."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
 
 
 class _nullcontext:

@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..io import write_mesh
 from ..models.conditioned import ConditionedModel
+from ..nets.rank_mlp import listnet_loss
 from .loop import TrainTask, flatten_views
 
 __all__ = [
@@ -39,7 +40,9 @@ __all__ = [
 
 log = logging.getLogger("ofer.train")
 
-VertexFn = Callable[..., torch.Tensor]  # (shape_coeffs, exp_coeffs=None, jaw_pose=None) -> (B,V,3) m
+# (shape_coeffs, exp_coeffs=None, jaw_pose=None) -> (B,V,3) m; coefficients past those given are
+# zero, as in ofer.flame.FLAME (ofer.train.build.build_flame)
+VertexFn = Callable[..., torch.Tensor]
 
 
 def _cond(model: ConditionedModel, b: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -139,10 +142,7 @@ class IdGenTask(_GenTask):
         return b["shape_coeffs"][:, : self.cfg.n_shape]
 
     def _verts(self, shape):
-        pad = self.cfg.flame.n_shape - shape.shape[-1]
-        if pad:
-            shape = torch.nn.functional.pad(shape, (0, pad))
-        return self.vertices(shape_coeffs=shape)
+        return self.vertices(shape_coeffs=shape)  # FLAME zero-fills the coefficients past n_shape
 
     def rank_scores(self, b: dict[str, torch.Tensor], verts: torch.Tensor) -> torch.Tensor:
         """Ranker scores of N sample meshes; higher = better (``IdRank.select`` is argmax).
@@ -224,10 +224,9 @@ class ExpGenTask(_GenTask):
         return torch.cat([b["exp_coeffs"][:, : self.cfg.n_exp], b["jaw_pose"]], -1)
 
     def _verts(self, shape, x):
+        # FLAME zero-fills the shape and expression coefficients past those given
         n = self.cfg.n_exp
-        exp = torch.nn.functional.pad(x[:, :n], (0, self.cfg.flame.n_exp - n))
-        shape = torch.nn.functional.pad(shape, (0, self.cfg.flame.n_shape - shape.shape[-1]))
-        return self.vertices(shape_coeffs=shape, exp_coeffs=exp, jaw_pose=x[:, n:])
+        return self.vertices(shape_coeffs=shape, exp_coeffs=x[:, :n], jaw_pose=x[:, n:])
 
     def validate(self, model, dataset, generator):
         if self.vertices is None:
@@ -297,10 +296,9 @@ class IdRankTask(TrainTask):
             s = self.idgen.head.sample(cond, self.cfg.num_samples, method=method, steps=steps,
                                        generator=generator).float()
             B, n, D = s.shape
-            pad = self.cfg.flame.n_shape - D
-            verts = self.vertices(shape_coeffs=torch.nn.functional.pad(s.reshape(B * n, D), (0, pad)))
-            gt = self.vertices(shape_coeffs=torch.nn.functional.pad(
-                b["shape_coeffs"][:, :D].float(), (0, pad)))
+            # FLAME zero-fills the coefficients past the IdGen's D
+            verts = self.vertices(shape_coeffs=s.reshape(B * n, D))
+            gt = self.vertices(shape_coeffs=b["shape_coeffs"][:, :D].float())
         return verts.view(B, n, -1, 3), gt
 
     def loss(self, model, batch, generator):
@@ -309,8 +307,8 @@ class IdRankTask(TrainTask):
         cond = _cond(model, b)
         scores = model.head(model.head.features(verts), cond).float()
         loss, stats = model.head.training_loss(scores, verts, gt)
-        per = -(torch.softmax(-stats["errors_mm"] / model.head.temperature, 1)
-                * torch.log_softmax(scores.detach(), 1)).sum(1)
+        per = listnet_loss(scores.detach(), stats["errors_mm"], model.head.temperature,
+                           reduction="none")
         return loss, {"loss": per, "picked_error_mm": stats["picked_error_mm"]}
 
     def validate(self, model, dataset, generator):
