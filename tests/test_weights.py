@@ -131,3 +131,32 @@ def test_registered_hash_verified_on_cached_file(cache, monkeypatch):
         weights.ensure_weights("test")
     (cache / "w.pth").write_bytes(b"right")
     assert weights.ensure_weights("test") == cache / "w.pth"
+
+
+def test_missing_encoder_weights_come_from_the_cache_by_name(server, cache, monkeypatch, tmp_path):
+    """A config naming the FaRL release file at a path where it is not: the cached copy is used,
+    downloaded once from the registered URL (here a local server)."""
+    from ofer.config import ArcFaceConfig, ExpGenTrainConfig, FaRLConfig
+    from ofer.models import build_model
+
+    digest = hashlib.sha256(PAYLOAD).hexdigest()
+    _register(monkeypatch, server + "/w.pth", digest)
+    missing = tmp_path / "pretrained" / "w.pth"
+    assert weights.find_weights(missing, "farl.weights") == cache / "w.pth"
+    assert (cache / "w.pth").read_bytes() == PAYLOAD
+    with pytest.raises(AssetError, match=r"^config key 'farl.weights': file not found: .*other\.pth \(x\)$"):
+        weights.find_weights(tmp_path / "other.pth", "farl.weights", context=" (x)")
+    # build_model reads encoder weights through it: a tiny FaRL saved as the registered file
+    farl_cfg = FaRLConfig(width=64, layers=1, heads=1, patch_size=16, image_size=32, weights="pretrained/w.pth")
+    cfg = ExpGenTrainConfig(data_root=str(tmp_path), farl=farl_cfg,
+                            arcface=ArcFaceConfig(layers=[1, 1, 1, 1], width=8, weights=None, freeze="none"))
+    import torch
+    from ofer.nets import FaRLEncoder
+
+    torch.manual_seed(3)
+    ref = FaRLEncoder(image_size=32, patch_size=16, width=64, layers=1, heads=1)
+    torch.save(ref.state_dict(), cache / "w.pth")
+    _register(monkeypatch, server + "/w.pth", None)  # the cached file is now another one
+    model = build_model("expgen", cfg)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.farl.state_dict()[k], v)

@@ -26,7 +26,8 @@ from pathlib import Path
 from .errors import AssetError
 from .io import atomic_write_bytes
 
-__all__ = ["WeightFile", "REGISTRY", "cache_dir", "weight_path", "ensure_weights", "download_file", "sha256_file"]
+__all__ = ["WeightFile", "REGISTRY", "cache_dir", "weight_path", "ensure_weights", "find_weights", "download_file",
+           "sha256_file"]
 
 log = logging.getLogger(__name__)
 
@@ -219,3 +220,25 @@ def ensure_weights(name: str, path: str | os.PathLike | None = None, download: b
         raise AssetError(f"{entry.description}: {target} not found; download {entry.url} to that path")
     download_file(entry.url, target, sha256=entry.sha256, progress=progress, timeout=timeout)
     return target
+
+
+def find_weights(path: str | os.PathLike, key: str, download: bool = True, context: str = "") -> Path:
+    """The weight file configured under ``key``: ``path`` when it exists, else the registered file
+    of the same name from the cache (downloaded there once when it has a public URL).
+
+    ``context`` is appended to the message of a missing file (e.g. the ``data_root``).
+
+    Raises:
+        AssetError: neither exists (one line naming the key, the path and where to get the file).
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    entry = next((n for n, e in REGISTRY.items() if e.filename == p.name), None)
+    if entry is None:
+        raise AssetError(f"config key '{key}': file not found: {p}{context}")
+    try:
+        return ensure_weights(entry, download=download)
+    except AssetError as exc:
+        raise AssetError(f"config key '{key}': {p} not found, and {exc}") from exc
+

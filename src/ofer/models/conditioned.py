@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..config import ArcFaceConfig, FaRLConfig, asset_file
+from ..config import ArcFaceConfig, FaRLConfig, asset_file, resolve_path
 from ..errors import AssetError
 from ..flame.assets import safe_load_pickle
 from ..nets.arcface import IResNet, load_arcface_state_dict
 from ..nets.farl import FaRLEncoder, load_farl_state_dict
 from ..nets.rank_mlp import load_vertex_indices
+from ..weights import find_weights
 from .spec import get_spec
 
 __all__ = ["ConditionedModel", "build_model", "build_arcface", "build_farl", "build_head",
@@ -142,6 +143,9 @@ def build_model(kind: str, cfg: Any, load_weights: bool = True, vertex_indices: 
                 num_vertices: Optional[int] = None) -> ConditionedModel:
     """Encoders + head of ``kind``; the pretrained encoder weights of the config when ``load_weights``.
 
+    An encoder weight file missing at its configured path but known to :mod:`ofer.weights` by
+    its name (the FaRL release file, say) is taken from the weight cache, downloaded once.
+
     A ranker's vertices come from ``vertex_indices`` / ``num_vertices`` when given, else from
     ``ranker.vertex_indices`` of the config.
     """
@@ -149,7 +153,10 @@ def build_model(kind: str, cfg: Any, load_weights: bool = True, vertex_indices: 
     if not spec.generative and vertex_indices is None and num_vertices is None:
         vertex_indices = load_rank_vertices(cfg)
     head = build_head(kind, cfg, vertex_indices=vertex_indices, num_vertices=num_vertices)
-    weights = (lambda key, rel: asset_file(cfg, key, rel)) if load_weights else (lambda key, rel: None)
+    def weights(key: str, rel: Optional[str]) -> Any:
+        path = resolve_path(cfg.data_root, rel) if load_weights else None
+        return None if path is None else find_weights(path, key, context=f" (data_root={cfg.data_root!r})")
+
     arcface = build_arcface(cfg.arcface, weights("arcface.weights", cfg.arcface.weights))
     farl = build_farl(cfg.farl, weights("farl.weights", cfg.farl.weights)) if spec.uses_farl else None
     return ConditionedModel(head, arcface, farl)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ._diffusion import DEFAULT_SCHEDULE, ConditionalDiffusion
+from .diffusion import RELEASED_DIFFUSION, ConditionalDiffusion
 
 __all__ = ["ExpGen"]
 
@@ -28,12 +28,7 @@ class ExpGen(ConditionalDiffusion):
         "param_dim": 53,
         "cond_dim": 1024,
         "dims": (53, 25, 10),
-        "num_qkv": 16,
-        "schedule": DEFAULT_SCHEDULE,
-        "loss": "l1",
-        "normalize": None,
-        "prediction": "eps",
-        "cond_scale": 1.0,
+        **RELEASED_DIFFUSION,
         "jaw_scale": 0.5,
     }
 

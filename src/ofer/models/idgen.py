@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ._diffusion import DEFAULT_SCHEDULE, ConditionalDiffusion
+from .diffusion import RELEASED_DIFFUSION, ConditionalDiffusion
 
 __all__ = ["IdGen"]
 
@@ -29,12 +29,7 @@ class IdGen(ConditionalDiffusion):
         "param_dim": 300,
         "cond_dim": 512,
         "dims": (300, 50, 10),
-        "num_qkv": 16,
-        "schedule": DEFAULT_SCHEDULE,
-        "loss": "l1",
-        "normalize": None,
-        "prediction": "eps",
-        "cond_scale": 1.0,
+        **RELEASED_DIFFUSION,
     }
 
     def __init__(self, param_dim: int = 300, cond_dim: int = 512, dims=(300, 50, 10),

@@ -17,7 +17,7 @@ from ..nets.rank_mlp import (
     rank_features,
     vertex_errors_mm,
 )
-from ._diffusion import _check_keys
+from .diffusion import check_config_keys
 
 __all__ = ["IdRank"]
 
@@ -82,7 +82,7 @@ class IdRank(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], vertex_indices=None) -> "IdRank":
-        _check_keys(cls.__name__, config, list(cls.DEFAULTS))
+        check_config_keys(cls.__name__, config, list(cls.DEFAULTS))
         return cls(**{**cls.DEFAULTS, **config}, vertex_indices=vertex_indices)
 
     def set_vertex_indices(self, source) -> None:

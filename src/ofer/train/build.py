@@ -21,6 +21,7 @@ from ..models.checkpoint import read_checkpoint
 from ..models.conditioned import ConditionedModel, build_model, load_rank_vertices
 from ..models.loading import load_model, load_trained_model
 from ..models.spec import get_spec
+from ..weights import find_weights
 
 __all__ = [
     "build_datasets",
@@ -178,9 +179,12 @@ def dry_run(kind: str, cfg: Any) -> list[str]:
     """
     spec = get_spec(kind)
     report = []
+    root = f" (data_root={cfg.data_root!r})"
     for key, rel in (("arcface.weights", cfg.arcface.weights),
-                     ("farl.weights", cfg.farl.weights if spec.uses_farl else None),
-                     ("flame.model_path", cfg.flame.model_path),
+                     ("farl.weights", cfg.farl.weights if spec.uses_farl else None)):
+        if rel is not None:  # a registered file may come from the weight cache (not downloaded here)
+            report.append(f"{key}: {find_weights(resolve_path(cfg.data_root, rel), key, False, root)}")
+    for key, rel in (("flame.model_path", cfg.flame.model_path),
                      ("flame.landmark_embedding_path", cfg.flame.landmark_embedding_path)):
         p = asset_file(cfg, key, rel)
         if p is not None:

@@ -22,6 +22,7 @@ without validation, the mean training loss since the previous checkpoint) improv
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -439,7 +440,7 @@ class _TrainingRun:
         task, model, step = self.task, self.model, self.step
         metric = None
         model.eval()
-        ctx = self.ema.swapped_in(model) if self.ema is not None else _nullcontext()
+        ctx = self.ema.swapped_in(model) if self.ema is not None else contextlib.nullcontext()
         with ctx, torch.no_grad():
             if do_val and self.val_set is not None:
                 g = torch.Generator(device=self.device).manual_seed(self.cfg.val.seed)
@@ -488,14 +489,6 @@ class _TrainingRun:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _log_scalars(writer, step: int, loss: float, stats: dict, num_steps: int,

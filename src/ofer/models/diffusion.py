@@ -17,9 +17,12 @@ from ..nets.unet1d import Denoiser
 LOSSES = ("l1", "mse")
 PREDICTIONS = ("eps", "x0")
 DEFAULT_SCHEDULE = {"kind": "linear", "num_steps": 1000, "beta_1": 1e-4, "beta_T": 1e-2}
+#: Settings every released diffusion head shares (its subclasses add their widths).
+RELEASED_DIFFUSION = {"num_qkv": 16, "schedule": DEFAULT_SCHEDULE, "loss": "l1", "normalize": None,
+                      "prediction": "eps", "cond_scale": 1.0}
 
 
-def _check_keys(cls_name: str, config: dict[str, Any], allowed: Sequence[str]) -> None:
+def check_config_keys(cls_name: str, config: dict[str, Any], allowed: Sequence[str]) -> None:
     if not isinstance(config, dict):
         raise ConfigError(f"{cls_name} config must be a dict, got {type(config).__name__}")
     unknown = sorted(set(config) - set(allowed))
@@ -168,7 +171,7 @@ class ConditionalDiffusion(nn.Module):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ConditionalDiffusion":
         """Build from :attr:`config` (missing keys take the class defaults)."""
-        _check_keys(cls.__name__, config, list(cls.DEFAULTS))
+        check_config_keys(cls.__name__, config, list(cls.DEFAULTS))
         merged = {**cls.DEFAULTS, **config}
         return cls(**merged)
 
