@@ -44,11 +44,31 @@ WORLD_ARGS = ["--images-per-identity", "2", "--expression-frames", "1",
               "--size", "128", "--occlusion-prob", "0.3", "--shape-sigma", "2,0.3,0.3,0.3,0.3,2,2,1",
               "--pose", "15,8,5", "--workers", "0"]
 
+#: torch intra-op threads of each training run and of the sampling step. CPU float reductions
+#: (matrix products, convolutions) are split differently for another thread count, and a
+#: training run amplifies those last-bit differences into other weights, so the counts are
+#: fixed here rather than left to the machine's core count or the caller's environment. Two
+#: threads for sampling: what the documented report was sampled with (the default on the
+#: 2-core development machine). The world builder fixes its own (one per process).
+TRAIN_THREADS, SAMPLE_THREADS = 1, 2
 
-def _run(cmd: list[str], what: str) -> None:
+
+def _thread_env(threads: int) -> dict[str, str]:
+    """The environment with ``threads`` torch intra-op threads for a child process.
+
+    Both variables are set: torch (with MKL and OpenMP) takes its thread count from
+    ``MKL_NUM_THREADS`` before ``OMP_NUM_THREADS``, so a caller's ``MKL_NUM_THREADS`` would
+    otherwise override ``OMP_NUM_THREADS``.
+    """
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(int(threads))
+    return env
+
+
+def _run(cmd: list[str], what: str, threads: int | None = None) -> None:
     print(f"[demo] {what}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO)
+    r = subprocess.run(cmd, cwd=REPO, env=_thread_env(threads) if threads else None)
     if r.returncode != 0:
         raise SystemExit(f"[demo] {what} failed (exit {r.returncode})")
     print(f"[demo] {what} took {time.perf_counter() - t0:.1f} s", flush=True)
@@ -65,13 +85,11 @@ def _train(jobs: list[tuple[str, str] | tuple[str, str, str]], root: Path, threa
 
     A run with ``after`` starts once that run has finished (IdRank needs the IdGen
     checkpoint); the others start at once. ``threads``: torch threads per run
-    (OMP_NUM_THREADS); the tiny demo models run faster on one thread each, side by side,
+    (:func:`_thread_env`); the tiny demo models run faster on one thread each, side by side,
     than one after the other on two threads. ``nice``: a niceness increment per kind (POSIX
     only), so that the runs off the critical path yield the CPU to the one on it.
     """
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    env = _thread_env(threads) if threads else dict(os.environ)
     t0 = time.perf_counter()
     waiting = [(j[0], j[1], j[2] if len(j) > 2 else None) for j in jobs]
     running: list[tuple[str, subprocess.Popen, Any]] = []
@@ -148,15 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     # IdRank samples the trained IdGen, so it starts when IdGen is done, while ExpGen still runs.
     # ExpGen (1200 steps and a loader worker) is the longest: IdGen and IdRank yield to it.
     _train([("idgen", "trainIdGen.py"), ("expgen", "trainExpGen.py"), ("idrank", "trainIdRank.py", "idgen")],
-           root, threads=1, nice={"idgen": 10, "idrank": 10})
+           root, threads=TRAIN_THREADS, nice={"idgen": 10, "idrank": 10})
 
     samples = root / "samples"
     _run([py, "sample.py", "--input", str(world / "test" / "images"), "--output", str(samples),
-          "--config", "configs/demo/sample.yaml", f"data_root={root}"], "sampling the held-out test images")
+          "--config", "configs/demo/sample.yaml", f"data_root={root}"], "sampling the held-out test images",
+         threads=SAMPLE_THREADS)
 
     from .eval.world import format_report, world_report
 
     rep = world_report(samples, world)
+    rep["environment"] = _environment()
     text = format_report(rep)
     (root / "report.json").write_text(json.dumps(rep, indent=1))
     (root / "report.md").write_text(text)
@@ -165,6 +185,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] report: {root / 'report.md'}; previews: {root / 'previews.png'} and "
           f"{samples}/<image>/preview.png; total {time.perf_counter() - t_start:.1f} s")
     return 0
+
+
+def _environment() -> dict[str, Any]:
+    """What the report's last digits depend on beyond the seeds: CPU, kernels, packages, threads.
+
+    Two reports are bit-equal only when these agree (docs/world.md, Demo).
+    """
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("torch", "numpy", "pillow", "scipy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"python": platform.python_version(), "cpu": cpu,
+            "torch_cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),
+            "packages": versions,
+            "train_threads": TRAIN_THREADS, "sample_threads": SAMPLE_THREADS}
 
 
 def _contact_sheet(samples: Path, out: Path, count: int = 4) -> None:
