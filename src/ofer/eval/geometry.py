@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OferError
+from ..geometry import umeyama
 
 __all__ = [
     "MeshError",
@@ -452,8 +453,22 @@ class ProcrustesResult:
         return bool(np.linalg.det(self.rotation.astype(np.float64)) < 0)
 
 
+def _unit_centred(P: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centroid, Frobenius size of the centred set, and the centred set scaled to size 1."""
+    centroid = P.mean(axis=0)
+    centred = P - centroid
+    size = np.sqrt(np.sum(centred * centred))
+    return centroid, size, centred / size
+
+
 def procrustes_now(X: np.ndarray, Y: np.ndarray) -> ProcrustesResult:
     """NoW's landmark Procrustes (``scaling=True, reflection='best'``), reproduced exactly.
+
+    Both landmark sets are centred and scaled to unit Frobenius size, ``x̂ = (X − μ_X)/‖X − μ_X‖``
+    and likewise ``ŷ``. With the SVD ``x̂ᵀ ŷ = U diag(σ) Vᵀ`` the best orthogonal map of ``ŷ``
+    onto ``x̂`` is ``T = V Uᵀ`` (row form ``ŷ @ T``) with correlation ``Σσ``; undoing the
+    normalisation gives ``scale = Σσ · ‖X − μ_X‖ / ‖Y − μ_Y‖``,
+    ``translation = μ_X − scale · μ_Y @ T`` and ``disparity = 1 − (Σσ)²``.
 
     The computation runs in ``np.result_type(X, Y)`` (float32 for NoW's float32 ``.pp``
     landmarks and float32 predicted landmarks, including the SVD) and applies **no**
@@ -462,58 +477,17 @@ def procrustes_now(X: np.ndarray, Y: np.ndarray) -> ProcrustesResult:
     Args:
         X: ``(n, 3)`` target (ground-truth) landmarks. Y: ``(n, 3)`` source (predicted).
     """
-    X = np.asarray(X)
-    Y = np.asarray(Y)
-    dt = np.result_type(X, Y)
+    dt = np.result_type(np.asarray(X), np.asarray(Y))
     if not np.issubdtype(dt, np.floating):
         dt = np.float64
-    X = X.astype(dt, copy=True)
-    Y = Y.astype(dt, copy=True)
-    muX = X.mean(0)
-    muY = Y.mean(0)
-    X0 = X - muX
-    Y0 = Y - muY
-    normX = np.sqrt((X0 ** 2.0).sum())
-    normY = np.sqrt((Y0 ** 2.0).sum())
-    X0 /= normX
-    Y0 /= normY
-    A = np.dot(X0.T, Y0)
-    U, s, Vt = np.linalg.svd(A, full_matrices=False)
-    T = np.dot(Vt.T, U.T)
-    traceTA = s.sum()
-    b = traceTA * normX / normY
-    d = 1 - traceTA ** 2
-    c = muX - b * np.dot(muY, T)
-    return ProcrustesResult(rotation=T, scale=b, translation=c, disparity=float(d))
-
-
-def umeyama(src: np.ndarray, dst: np.ndarray, with_scale: bool = True,
-            weights: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray]:
-    """Least-squares proper similarity (no reflection) mapping ``src -> dst``, float64.
-
-    Returns ``(s, R, t)`` with ``dst ≈ s * src @ R.T + t``; ``R`` has det +1.
-    """
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    w = np.ones(len(src)) if weights is None else np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    mu_s = w @ src
-    mu_d = w @ dst
-    s0 = src - mu_s
-    d0 = dst - mu_d
-    cov = (d0 * w[:, None]).T @ s0
-    U, S, Vt = np.linalg.svd(cov)
-    D = np.eye(3)
-    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
-        D[2, 2] = -1
-    R = U @ D @ Vt
-    if with_scale:
-        var_s = np.sum(w * np.sum(s0 ** 2, axis=1))
-        s = float(np.trace(np.diag(S) @ D) / var_s) if var_s > 0 else 1.0
-    else:
-        s = 1.0
-    t = mu_d - s * mu_s @ R.T
-    return s, R, t
+    mu_x, size_x, x_hat = _unit_centred(np.asarray(X, dtype=dt))
+    mu_y, size_y, y_hat = _unit_centred(np.asarray(Y, dtype=dt))
+    U, sigma, Vt = np.linalg.svd(x_hat.T @ y_hat)
+    T = Vt.T @ U.T  # V Uᵀ: orthogonal, reflections allowed
+    corr = sigma.sum()
+    scale = corr * size_x / size_y
+    translation = mu_x - scale * (mu_y @ T)
+    return ProcrustesResult(rotation=T, scale=scale, translation=translation, disparity=float(1 - corr ** 2))
 
 
 # ----------------------------------------------------------------------------------------
