@@ -58,6 +58,7 @@ def test_good_ranker_passes_identity_checks(world, tmp_path):
     assert s["ranked_beats_mean_sample_fraction"] == 1.0
 
 
+@pytest.mark.slow
 def test_uninformed_ranker_and_baseline_do_not_pass_by_construction(world, tmp_path):
     rng = np.random.default_rng(1)
     # an untrained ranker: picks the worst hypothesis (the check must fail) ...
@@ -82,6 +83,7 @@ def test_uninformed_ranker_and_baseline_do_not_pass_by_construction(world, tmp_p
     assert not s["checks"]["ranked_below_mean_sample"]
 
 
+@pytest.mark.slow
 def test_occlusion_and_diversity_checks_follow_the_data(world, tmp_path):
     rng = np.random.default_rng(2)
     gts = _gt(world)
@@ -143,6 +145,7 @@ def test_paired_test_against_naive_enumeration():
     assert paired_test(d) == paired_test(d)
 
 
+@pytest.mark.slow
 def test_a_positive_margin_within_the_noise_does_not_hold(world, tmp_path):
     # the occluder changes the error by +0.30 or -0.25 mm, alternating between scenes: the mean
     # grows a little but a sign flip explains it, so the check must not hold

@@ -89,6 +89,7 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_demo_training_weights_do_not_depend_on_the_callers_threads(tiny_world, tmp_path, monkeypatch):
     ref = _train_idgen(tiny_world, tmp_path / "ref", demo._thread_env(demo.TRAIN_THREADS))
     # the same run on two threads ends with other weights: the pin is what keeps them equal

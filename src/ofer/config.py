@@ -30,6 +30,7 @@ from typing import Any, Literal, Optional, Sequence, TypeVar, Union
 import yaml
 
 from .errors import AssetError, ConfigError
+from .io import atomic_write_bytes
 
 T = TypeVar("T")
 
@@ -297,7 +298,6 @@ def _deep_update(base: dict, new: dict, cls: type, prefix: str) -> None:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from .io import atomic_write_bytes
 
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     atomic_write_bytes(path, lambda f: f.write(text.encode()))

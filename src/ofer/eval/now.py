@@ -36,6 +36,7 @@ import numpy as np
 from ..errors import OferError
 from .geometry import (MeshError, ProcrustesResult, RefineResult, MeshDistance, procrustes_now,
                        read_mesh, refine_similarity_dogleg, validate_mesh)
+from ..io import atomic_write_bytes, write_mesh
 
 __all__ = [
     "CHALLENGES",
@@ -284,7 +285,6 @@ def save_cumulative_plot(path: str | os.PathLike, curves: dict[str, tuple[np.nda
         dr.line([(left + pw - 150, top + 12 + 16 * k), (left + pw - 125, top + 12 + 16 * k)], fill=col, width=2)
         dr.text((left + pw - 120, top + 6 + 16 * k), label, fill="black")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    from ..io import atomic_write_bytes
 
     atomic_write_bytes(path, lambda f: img.save(f, format="PNG"))
 
@@ -358,8 +358,6 @@ def _evaluate_subject(args) -> list[dict]:
         ev = evaluate_scan(scan_v, scan_lmk, pv, pf, lmk, metrical=metrical, unit=unit, crop_ids=ids,
                            name=str(lmk_path))
         if check_dir is not None:
-            from ..io import write_mesh
-
             d = Path(check_dir) / e.subject / e.challenge / e.filename
             write_mesh(d / "predicted_aligned.obj", ev.aligned_vertices, pf, unit="mm", source_unit="mm")
             write_mesh(d / "gt_scan_cropped.obj", scan_v[ids], None, unit="mm", source_unit="mm")
@@ -495,7 +493,6 @@ def evaluate_now(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike | None =
 def _write_outputs(out: Path, method: str, challenge: str, results: list[dict], summary: dict) -> None:
     import io
 
-    from ..io import atomic_write_bytes
 
     arrays = [r["distances"] for r in results]
     suffix = "distances" if not challenge else f"distances_{challenge}"

@@ -22,6 +22,9 @@ from ..models.conditioned import ConditionedModel, build_model, load_rank_vertic
 from ..models.loading import load_model, load_trained_model
 from ..models.spec import get_spec
 from ..weights import find_weights
+from ..data.datasets import FaceDataset, check_index, load_index, load_params
+from ..flame import FLAME
+from .loop import latest_checkpoint
 
 __all__ = [
     "build_datasets",
@@ -50,7 +53,6 @@ def target_stats(dataset: Any, kind: str, n_coeffs: int) -> tuple[list[float], l
     Returns:
         ``(mean, std)``: two lists of floats (float64 statistics).
     """
-    from ..data.datasets import load_params
 
     spec = get_spec(kind, ValueError)
     if not spec.generative:
@@ -78,7 +80,6 @@ def fill_target_stats(cfg: Any, kind: str, train_set: Any) -> None:
     d = cfg.diffusion
     if not d.normalize or (d.target_mean is not None and d.target_std is not None):
         return
-    from .loop import latest_checkpoint
 
     ck = latest_checkpoint(cfg.run_dir) if cfg.resume else None
     if ck is not None:
@@ -118,7 +119,6 @@ def load_val_ranker(cfg: Any) -> Optional[ConditionedModel]:
 
 def build_flame(cfg: Any):
     """(vertices_fn, faces) from ``flame.*``; vertices_fn(shape_coeffs=, exp_coeffs=, jaw_pose=) -> (B,V,3) m."""
-    from ..flame import FLAME
 
     path = asset_file(cfg, "flame.model_path", cfg.flame.model_path)
     lmk = asset_file(cfg, "flame.landmark_embedding_path", cfg.flame.landmark_embedding_path)
@@ -143,7 +143,6 @@ def build_datasets(cfg: Any, kind: str, *, load_farl: Optional[bool] = None, val
     the model prepares them for its encoder); ``val_farl`` adds them to the held-out set alone
     (IdGen validation with an IdRank, whose condition includes FaRL).
     """
-    from ..data.datasets import FaceDataset, check_index, load_index
 
     spec = get_spec(kind)
     load_farl = spec.uses_farl if load_farl is None else load_farl

@@ -38,6 +38,7 @@ from ..errors import CheckpointError, ConfigError, OferError
 from ..models.checkpoint import read_checkpoint, save_checkpoint
 from ..device import DistInfo, all_reduce_mean, any_flag, barrier, init_distributed
 from .ema import EMA
+from ..data.datasets import StreamBatchSampler
 
 __all__ = [
     "TrainTask",
@@ -328,7 +329,6 @@ class _TrainingRun:
 
     def _make_loader(self) -> torch.utils.data.DataLoader:
         """This rank's batch stream, starting at the current step."""
-        from ..data.datasets import StreamBatchSampler
 
         cfg, dist = self.cfg, self.dist
         sampler = StreamBatchSampler(len(self.train_set), self.local_batch, seed=cfg.seed,
