@@ -3,7 +3,7 @@
 ``python -m ofer.demo`` builds the world, trains IdGen, ExpGen and IdRank with the real
 training scripts and ``configs/demo``, samples the 72 test images with ``sample.py`` and
 writes the report. Each check holds only when its paired effect is positive and its
-one-sided randomisation test gives p < 0.05 (``ofer.eval.world``); the other tests of the
+one-sided randomisation test gives p < 0.05 (``ofer.world.report``); the other tests of the
 report show that the checks fail on samples built to fail them. The runs are seeded, so on
 a given machine kind the report is the same every time.
 
@@ -20,7 +20,7 @@ import json
 
 import pytest
 
-from ofer.eval.world import ALPHA, CHECK_P
+from ofer.world.report import ALPHA, CHECK_P
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The demo's learning checks (``ofer.eval.world``) on a tiny synthetic world.
+"""The demo's learning checks (``ofer.world.report``) on a tiny synthetic world.
 
 The report's checks must be able to fail: samples built from the ground truth with known
 quality pass or fail them as constructed, an uninformed ranker / the mean-shape baseline
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ofer.data.world import SceneConfig, WorldConfig, build_world
-from ofer.eval.world import ALPHA, paired_test, spearman, world_report
+from ofer.world.build import SceneConfig, WorldConfig, build_world
+from ofer.world.report import ALPHA, paired_test, spearman, world_report
 
 N_SHAPE, N_EXP, N, M = 20, 50, 16, 8
 

@@ -9,7 +9,7 @@ from ofer.eval.geometry import (MeshDistance, MeshError, brute_force_point_mesh_
                                 closest_point_on_triangle, procrustes_now, read_mesh, refine_similarity_dogleg,
                                 rodrigues, rotation_jacobian, umeyama, validate_mesh, write_obj, write_ply)
 from ofer.eval.geometry import _ScanToMesh
-from ofer.eval.synthetic import head_mesh, sample_surface
+from ofer.world.now_scans import head_mesh, sample_surface
 
 
 @pytest.fixture(scope="module")

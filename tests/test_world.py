@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ofer.data.occlusion import OcclusionConfig
-from ofer.data.world import (
+from ofer.world.build import (
     FaceRenderer,
     HeadPrior,
     SceneConfig,

@@ -6,7 +6,7 @@
    configs in ``configs/demo/``;
 3. run ``sample.py`` on the world's held-out test renders (each scene clean, with a random
    occluder and with a face mask);
-4. write previews and a report with the learning evidence (``ofer.eval.world``).
+4. write previews and a report with the learning evidence (``ofer.world.report``).
 
 Every step is cached: a re-run skips what is complete (the world, each finished training
 run, every sampled image) and only recomputes the report.
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{args.test_scenes}: add --fresh, or choose another --root")
         print(f"[demo] world: built before ({world}), skipped")
     else:
-        _run([py, "-m", "ofer.data.world", "--output", str(world), "--identities", str(args.identities),
+        _run([py, "-m", "ofer.world", "--output", str(world), "--identities", str(args.identities),
               "--test-identities", str(args.test_scenes), *WORLD_ARGS], "building the synthetic world")
 
     # IdRank samples the trained IdGen, so it starts when IdGen is done, while ExpGen still runs.
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     _run([py, "sample.py", "--input", str(world / "test" / "images"), "--output", str(samples),
           "--config", "configs/demo/sample.yaml", f"data_root={root}"], "sampling the held-out test images")
 
-    from .eval.world import format_report, world_report
+    from .world.report import format_report, world_report
 
     rep = world_report(samples, world)
     text = format_report(rep)

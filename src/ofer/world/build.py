@@ -28,7 +28,7 @@ No licensed asset is needed. A world holds
 Everything is a pure function of the arguments: the same seed gives the same bytes.
 Example::
 
-    python -m ofer.data.world --output data/world --identities 40 --images-per-identity 8 \\
+    python -m ofer.world --output data/world --identities 40 --images-per-identity 8 \\
         --expression-frames 4 --test-identities 20
 """
 
@@ -53,7 +53,7 @@ import torch
 
 from ..errors import ConfigError, OferError
 from ..render import Camera, render
-from .occlusion import OcclusionConfig, occlude_with_info
+from ..data.occlusion import OcclusionConfig, occlude_with_info
 
 __all__ = [
     "HeadPrior",
@@ -593,7 +593,7 @@ def make_crops(output_dir: Path, items: Sequence[tuple[str, np.ndarray, np.ndarr
     ``.kps.txt`` sidecars) on the in-memory renders, with the MICA conventions of this layout:
     **RGB** ArcFace blob, JPEG quality 95 (:data:`ARCFACE_CHANNEL_ORDER`).
     """
-    from .images import prepare_face_array
+    from ..data.images import prepare_face_array
     from PIL import Image
 
     for rel, img, kps in items:
@@ -800,7 +800,7 @@ def _run_test_job(root: Path, cfg: WorldConfig, fr: FaceRenderer, i: int, result
 
 
 def _build(root: Path, cfg: WorldConfig, progress: bool, workers: int) -> dict:
-    from ..flame.synthetic import write_synthetic_flame
+    from .head import write_synthetic_flame
 
     write_synthetic_flame(root / "flame", n_vertices=int(cfg.vertices), seed=int(cfg.flame_seed))
     jobs = [("id", i) for i in range(cfg.identities)]
@@ -902,7 +902,7 @@ def _jsonable(x: Any) -> Any:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m ofer.data.world",
+        prog="python -m ofer.world",
         description="Build a synthetic OFER world: procedural FLAME heads rendered on the CPU, occluded, "
                     "written in the MICA/OFER training layout plus held-out test images with ground truth.",
     )
