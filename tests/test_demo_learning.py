@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ofer.world.build import SceneConfig, WorldConfig, build_world
+from ofer.world.build import WorldConfig, build_world
 from ofer.world.report import ALPHA, paired_test, spearman, world_report
+from ofer.world.scene import SceneConfig
 
 N_SHAPE, N_EXP, N, M = 20, 50, 16, 8
 

@@ -11,17 +11,10 @@ import pytest
 from PIL import Image
 
 from ofer.data.occlusion import OcclusionConfig
-from ofer.world.build import (
-    FaceRenderer,
-    HeadPrior,
-    SceneConfig,
-    WorldConfig,
-    build_world,
-    kps_from_landmarks68,
-    main,
-    save_npz_deterministic,
-)
 from ofer.errors import ConfigError, OferError
+from ofer.world.build import WorldConfig, build_world, main, save_npz_deterministic
+from ofer.world.prior import HeadPrior
+from ofer.world.scene import FaceRenderer, SceneConfig, kps_from_landmarks68
 
 TINY = dict(identities=3, images_per_identity=2, expression_frames=2, images_per_frame=2, test_identities=2,
             vertices=1200, scene=SceneConfig(size=96))
