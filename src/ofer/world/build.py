@@ -203,24 +203,19 @@ def make_crops(output_dir: Path, items: Sequence[tuple[str, np.ndarray, np.ndarr
     """Write the 224 crop ``<output>/<rel>.jpg`` and ArcFace input ``<rel>.npy`` of each render.
 
     items: ``(relpath without extension, image (H,W,3) uint8, kps (5,2))``. Uses the
-    preprocessing step's face preparation (:func:`ofer.data.images.prepare_face_array`, the
-    alignment from the keypoints, no detector; what ``python -m ofer.preprocess`` does with the
-    ``.kps.txt`` sidecars) on the in-memory renders, with the MICA conventions of this layout:
-    **RGB** ArcFace blob, JPEG quality 95 (:data:`ARCFACE_CHANNEL_ORDER`).
+    preprocessing step's face preparation and crop writer
+    (:func:`ofer.data.images.prepare_face_array`, the alignment from the keypoints, no
+    detector; :func:`ofer.data.images.write_face_crops`; what ``python -m ofer.preprocess``
+    does with the ``.kps.txt`` sidecars) on the in-memory renders, with the MICA conventions of
+    this layout: **RGB** ArcFace blob (:data:`ARCFACE_CHANNEL_ORDER`), JPEG quality 95.
     """
-    from ..data.images import prepare_face_array
-    from PIL import Image
+    from ..data.images import prepare_face_array, write_face_crops
 
     for rel, img, kps in items:
         face = prepare_face_array(img, kps=np.asarray(kps, np.float64), name=rel, source_hint="sidecar",
                                   channel_order=ARCFACE_CHANNEL_ORDER)
-        buf = io.BytesIO()
-        Image.fromarray(face.farl_crop).save(buf, format="JPEG", quality=95)
-        base = output_dir / rel
-        _write(base.with_name(base.name + ".jpg"), buf.getvalue())
-        nb = io.BytesIO()
-        np.save(nb, face.arcface.astype(np.float32))
-        _write(base.with_name(base.name + ".npy"), nb.getvalue())
+        # the world is written in a staging folder renamed into place at the end: no temp files
+        write_face_crops(face, output_dir / rel, atomic=False)
 
 
 # --------------------------------------------------------------------------- the world
