@@ -699,3 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
