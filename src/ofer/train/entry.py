@@ -108,9 +108,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ofer.train") 
     from .cli import run_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog=prog, description="Train IdGen, ExpGen or IdRank from a YAML config.")
+    ap = argparse.ArgumentParser(
+        prog=prog, usage="%(prog)s {expgen,idgen,idrank} --config FILE [--dry-run] [key.sub=value ...]",
+        description="Train IdGen, ExpGen or IdRank from a YAML config.",
+        epilog=f"The options of each kind: {prog} KIND --help.")
     ap.add_argument("kind", choices=sorted(TRAINERS), help="the model to train")
-    ap.add_argument("args", nargs="*", metavar="...",
-                    help="--config FILE [--dry-run] [key.sub=value ...] (see python -m ofer.train KIND --help)")
     kind = ap.parse_args(argv[:1]).kind  # the rest is the trainer's own command line
     return run_cli(kind, build.SCHEMAS[kind], TRAINERS[kind], argv[1:], prog=f"{prog} {kind}")
