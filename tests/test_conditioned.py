@@ -28,7 +28,7 @@ from ofer.train.loop import flatten_views
 
 from _train_helpers import write_world
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
+DEMO = Path(__file__).resolve().parents[1] / "src" / "ofer" / "world" / "configs"  # the demo's configs
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +84,13 @@ def test_training_and_sampling_conditions_agree(face_and_world, synthetic_flame_
     with torch.no_grad():
         sampled = rec._encode(torch.from_numpy(face.arcface)[None],
                               torch.from_numpy(face.farl_crop).permute(2, 0, 1)[None], timer)
-        for kind, (model, _) in models.items():
+        for kind, (model, tcfg) in models.items():
             spec = SPECS[kind]
             ds = FaceDataset(entries, images_per_actor=1, mode=spec.data_mode, load_farl=spec.uses_farl)
             batch = flatten_views(torch.utils.data.default_collate([ds[0]]))
             trained = model.condition_of_batch(batch)
-            assert trained.shape == sampled[kind].shape == (1, spec.cond_dim(512))
+            width = spec.cond_dim(tcfg.farl.embed_dim if spec.uses_farl else 0)
+            assert trained.shape == sampled[kind].shape == (1, width)
             torch.testing.assert_close(trained, sampled[kind], rtol=1e-5, atol=1e-6)
 
 

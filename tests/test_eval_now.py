@@ -12,7 +12,7 @@ from ofer.eval.geometry import rodrigues
 from ofer.io import write_mesh
 from ofer.eval.now import (NowError, compute_crop, crop_scan, cumulative_error_curve, evaluate_now, evaluate_scan,
                            load_landmarks, load_pp, main, pooled_stats)
-from ofer.eval.synthetic import head_landmarks, head_mesh, make_scan, write_now_dataset, write_pp
+from ofer.world.now_scans import head_landmarks, head_mesh, make_scan, write_now_dataset, write_pp
 
 NOISE = 0.25  # mm
 
