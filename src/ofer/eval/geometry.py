@@ -338,69 +338,30 @@ def point_mesh_distance(points: np.ndarray, V: np.ndarray, F: np.ndarray) -> np.
 
 
 def closest_point_on_triangle(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Closest point on triangle ``abc`` to each point ``p`` (Ericson's Voronoi-region test).
+    """Closest point on triangle ``abc`` to each point ``p``.
+
+    ``p`` is projected onto the triangle's plane, in the coordinates ``(s, t)`` of
+    ``a + s (b - a) + t (c - a)`` (the normal equations of that least-squares fit). When
+    ``s, t >= 0`` and ``s + t <= 1`` the projection lies in the triangle and is the answer;
+    otherwise the closest point is on the boundary: the nearest of the three edges' closest
+    points. A degenerate (zero-area) triangle has no plane and is all boundary.
 
     Vectorised over leading dimensions: ``p, a, b, c`` broadcast to ``(..., 3)`` float64.
-    Degenerate triangles are handled by falling back to the closest of the three edges.
     """
     p, a, b, c = np.broadcast_arrays(*(np.asarray(x, dtype=np.float64) for x in (p, a, b, c)))
-    out = np.empty(p.shape, dtype=np.float64)
-    done = np.zeros(p.shape[:-1], dtype=bool)
-
-    def dot(x, y):
-        return np.sum(x * y, axis=-1)
-
-    ab = b - a
-    ac = c - a
-    ap = p - a
-    d1, d2 = dot(ab, ap), dot(ac, ap)
-    m = (d1 <= 0) & (d2 <= 0)  # vertex region A
-    out[m] = a[m]
-    done |= m
-    bp = p - b
-    d3, d4 = dot(ab, bp), dot(ac, bp)
-    m = ~done & (d3 >= 0) & (d4 <= d3)  # vertex region B
-    out[m] = b[m]
-    done |= m
-    vc = d1 * d4 - d3 * d2
-    m = ~done & (vc <= 0) & (d1 >= 0) & (d3 <= 0)  # edge AB
+    e1, e2, r = b - a, c - a, p - a
+    g11, g12, g22 = (np.einsum("...i,...i->...", x, y) for x, y in ((e1, e1), (e1, e2), (e2, e2)))
+    h1, h2 = np.einsum("...i,...i->...", e1, r), np.einsum("...i,...i->...", e2, r)
+    det = g11 * g22 - g12 * g12
     with np.errstate(divide="ignore", invalid="ignore"):
-        v = d1 / (d1 - d3)
-    out[m] = a[m] + v[m, None] * ab[m]
-    done |= m
-    cp = p - c
-    d5, d6 = dot(ab, cp), dot(ac, cp)
-    m = ~done & (d6 >= 0) & (d5 <= d6)  # vertex region C
-    out[m] = c[m]
-    done |= m
-    vb = d5 * d2 - d1 * d6
-    m = ~done & (vb <= 0) & (d2 >= 0) & (d6 <= 0)  # edge AC
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w = d2 / (d2 - d6)
-    out[m] = a[m] + w[m, None] * ac[m]
-    done |= m
-    va = d3 * d6 - d5 * d4
-    m = ~done & (va <= 0) & ((d4 - d3) >= 0) & ((d5 - d6) >= 0)  # edge BC
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w = (d4 - d3) / ((d4 - d3) + (d5 - d6))
-    out[m] = b[m] + w[m, None] * (c[m] - b[m])
-    done |= m
-    # interior (face region)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        denom = 1.0 / (va + vb + vc)
-        v = vb * denom
-        w = vc * denom
-    interior = a + v[..., None] * ab + w[..., None] * ac
-    m = ~done
-    out[m] = interior[m]
-    # degenerate triangles (zero area): closest point on the three segments
-    bad = ~np.all(np.isfinite(out), axis=-1)
-    if np.any(bad):
-        cands = [_closest_on_segment(p[bad], x[bad], y[bad]) for x, y in ((a, b), (b, c), (c, a))]
-        dists = np.stack([np.sum((p[bad] - q) ** 2, axis=-1) for q in cands])
-        k = np.argmin(dists, axis=0)
-        out[bad] = np.stack(cands)[k, np.arange(len(k))]
-    return out
+        s = (g22 * h1 - g12 * h2) / det
+        t = (g11 * h2 - g12 * h1) / det
+        inside = (det > 1e-12 * g11 * g22) & (s >= 0) & (t >= 0) & (s + t <= 1)
+    edges = np.stack([_closest_on_segment(p, x, y) for x, y in ((a, b), (b, c), (c, a))])
+    nearest = np.argmin(np.sum((edges - p) ** 2, axis=-1), axis=0)
+    out = np.take_along_axis(edges, nearest[None, ..., None], axis=0)[0]
+    proj = a + np.where(inside, s, 0.0)[..., None] * e1 + np.where(inside, t, 0.0)[..., None] * e2
+    return np.where(inside[..., None], proj, out)
 
 
 def _closest_on_segment(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
