@@ -530,9 +530,13 @@ def test_expgen_normalize_run_keeps_its_statistics(world, tmp_path, monkeypatch)
         raise AssertionError("statistics recomputed on resume")
 
     monkeypatch.setattr(build, "target_stats", fail)
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or real_load(f, *a, **k))
     cfg = load_config(ExpGenTrainConfig, DEMO / "expgen.yaml", [*args, "resume=true", "train.max_steps=4"])
     res = trainExpGen.main(cfg)
     assert res.step == 4 and cfg.diffusion.target_std == d["target_std"]
+    assert sum(r.endswith("latest.pt") for r in reads) == 1  # the resumed run reads its checkpoint once
     # pinned statistics are used as given
     pinned = load_config(ExpGenTrainConfig, DEMO / "expgen.yaml",
                          [*args, f"diffusion.target_mean={[0.0] * 53}", f"diffusion.target_std={[2.0] * 53}"])

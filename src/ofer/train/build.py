@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import yaml
 
 from ..config import asset_file, resolve_path
 from ..errors import AssetError, CheckpointError
@@ -70,11 +71,26 @@ def target_stats(dataset: Any, kind: str, n_coeffs: int) -> tuple[list[float], l
     return x.mean(axis=0).tolist(), std.tolist()
 
 
+def _saved_config(run_dir: Path, ck: Path) -> dict:
+    """The configuration a run was last started with: its ``config.yaml`` (written at every
+    start, the config its checkpoints hold), else the checkpoint's (read whole)."""
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        try:
+            saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+            if isinstance(saved, dict):
+                return saved
+        except (yaml.YAMLError, UnicodeDecodeError):
+            pass
+    return read_checkpoint(ck).get("config") or {}
+
+
 def fill_target_stats(cfg: Any, kind: str, train_set: Any) -> None:
     """With ``diffusion.normalize``, fill ``diffusion.target_mean`` / ``target_std`` in place.
 
     Pinned values in the config are kept. On ``resume`` the statistics come from the run's
-    latest checkpoint (the weights were trained with them), else from ``train_set``
+    saved configuration (the weights were trained with them; the checkpoint itself is read by
+    the training loop alone), else from ``train_set``
     (:func:`target_stats`).
     """
     d = cfg.diffusion
@@ -83,7 +99,7 @@ def fill_target_stats(cfg: Any, kind: str, train_set: Any) -> None:
 
     ck = latest_checkpoint(cfg.run_dir) if cfg.resume else None
     if ck is not None:
-        saved = (read_checkpoint(ck).get("config") or {}).get("diffusion") or {}
+        saved = _saved_config(Path(cfg.run_dir), ck).get("diffusion") or {}
         if saved.get("target_mean") is not None and saved.get("target_std") is not None:
             d.target_mean, d.target_std = list(saved["target_mean"]), list(saved["target_std"])
             return
