@@ -74,6 +74,9 @@ class SampleConfig:
     mesh_format: Literal["ply", "obj"] = "ply"
     preview: bool = True
     progress: bool = True
+    #: redo every image of an output folder, also one made with other settings (else such a
+    #: folder is refused, and finished images are skipped)
+    overwrite: bool = False
     flame: FlameSection = field(default_factory=FlameSection)
     checkpoints: CheckpointSection = field(default_factory=CheckpointSection)
     detector: DetectorSection = field(default_factory=DetectorSection)
@@ -97,6 +100,11 @@ class SampleConfig:
         method, steps = PRESETS[self.preset][which]
         given = getattr(self, f"{which}_steps")
         return getattr(self, f"{which}_sampler") or method, steps if given is None else given
+
+    @property
+    def samplers_overridden(self) -> bool:
+        """Whether a sampler key overrides the preset."""
+        return any(getattr(self, f"{w}_{k}") is not None for w in ("idgen", "expgen") for k in ("sampler", "steps"))
 
     @property
     def batch1_quirk(self) -> bool:
