@@ -1,8 +1,6 @@
-"""5-point alignment, warping, crops, centre-face selection and detector discovery."""
+"""5-point alignment, warping, crops and which detected face is used."""
 
 from __future__ import annotations
-
-import builtins
 
 import numpy as np
 import pytest
@@ -16,13 +14,11 @@ from ofer.data.align import (
     farl_crop,
     farl_crop_matrix,
     norm_crop,
-    resolve_detector_dir,
     select_center_face,
     transform_points,
     umeyama,
     warp_affine,
 )
-from ofer.errors import AssetError, OferError
 
 
 def _similarity(scale, angle, tx, ty):
@@ -178,33 +174,3 @@ def test_select_center_face_uses_x_and_y_correctly():
     assert select_center_face(boxes, (100, 400, 3)) == 1
     with pytest.raises(ValueError):
         select_center_face(np.zeros((0, 5)), (10, 10))
-
-
-def test_resolve_detector_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path / "home"))
-    with pytest.raises(AssetError) as ei:
-        resolve_detector_dir(None, "antelopev2")
-    msg = str(ei.value)
-    assert "\n" not in msg and "antelopev2.zip" in msg and str(tmp_path / "home" / "models" / "antelopev2") in msg
-    nested = tmp_path / "home" / "models" / "antelopev2" / "antelopev2"
-    nested.mkdir(parents=True)
-    (nested / "scrfd_10g_bnkps.onnx").write_bytes(b"x")
-    assert resolve_detector_dir(None, "antelopev2") == nested / "scrfd_10g_bnkps.onnx"
-    own = tmp_path / "buffalo"
-    own.mkdir()
-    (own / "det_10g.onnx").write_bytes(b"x")
-    assert resolve_detector_dir(own) == own / "det_10g.onnx"
-
-
-def test_scrfd_detector_without_insightface(tmp_path, monkeypatch):
-    (tmp_path / "scrfd_10g_bnkps.onnx").write_bytes(b"x")
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name.startswith("insightface"):
-            raise ImportError("No module named 'insightface'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(OferError, match=r"optional extra 'detect'.*ofer\[detect\]"):
-        align.SCRFDDetector(tmp_path)
