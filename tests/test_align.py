@@ -174,3 +174,24 @@ def test_select_center_face_uses_x_and_y_correctly():
     assert select_center_face(boxes, (100, 400, 3)) == 1
     with pytest.raises(ValueError):
         select_center_face(np.zeros((0, 5)), (10, 10))
+
+
+def test_choose_faces_center_largest_all():
+    from ofer.data.align import choose_faces
+
+    shape = (400, 600, 3)  # centre (300, 200)
+    boxes = np.array([
+        [10, 10, 210, 250, 0.99],    # 0: the largest, far from the centre
+        [280, 180, 320, 220, 0.95],  # 1: tiny, exactly at the centre (side 40 < 0.5 * 219)
+        [330, 150, 450, 290, 0.80],  # 2: reasonable size, nearest the centre among those
+        [480, 10, 580, 110, 0.70],   # 3: side 100 < 0.5 * 219
+    ])
+    assert choose_faces(boxes, shape, "center") == [2]
+    assert choose_faces(boxes, shape, "center", min_relative_size=0.0) == [1]
+    assert choose_faces(boxes, shape, "center", min_relative_size=1.0) == [0]
+    assert choose_faces(boxes, shape, "largest") == [0]
+    assert choose_faces(boxes, shape, "all") == [0, 1, 2, 3]  # left to right
+    assert choose_faces(boxes[[3, 1, 0]], shape, "all") == [2, 1, 0]
+    assert choose_faces(np.zeros((0, 5)), shape, "center") == []
+    with pytest.raises(ValueError, match="which must be one of"):
+        choose_faces(boxes, shape, "first")
