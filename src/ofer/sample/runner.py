@@ -34,7 +34,7 @@ import torch
 
 from ..config import config_to_dict, load_config
 from ..device import cleanup, dist_env, init_distributed
-from ..data.images import IMAGE_EXTENSIONS, prepare_face
+from ..data.images import IMAGE_EXTENSIONS, prepare_faces
 from ..errors import ConfigError, OferError
 from ..io import atomic_write_bytes, write_json, write_landmarks, write_mesh, write_npz
 from .config import SampleConfig
@@ -137,21 +137,22 @@ def list_inputs(input_path: Path, exclude: Optional[Path] = None) -> tuple[Path,
 
 
 def make_detector(cfg: SampleConfig):
-    """(detector or None, a line saying which) for ``detector.*``."""
-    mode = cfg.detector.mode
-    if mode == "none" or cfg.aligned:
+    """(detector or None, a line saying which) for ``detector.*`` (:func:`ofer.data.detect.build_detector`).
+
+    The released models were trained on SCRFD keypoints: under the faithful preset the line
+    says so when another detector is used.
+    """
+    if cfg.detector.mode == "none" or cfg.aligned:
         return None, "no detector (sidecars or aligned crops)"
-    from ..data.align import SCRFDDetector
+    from ..data.detect import build_detector
 
     d = cfg.detector
-    try:
-        det = SCRFDDetector(model_dir=d.model_dir, name=d.name, det_size=(d.det_size, d.det_size),
-                            det_thresh=d.det_thresh)
-        return det, f"SCRFD ({d.name})"
-    except OferError as exc:
-        if mode == "scrfd":
-            raise
-        return None, f"no detector ({exc}); images need .kps.txt sidecars"
+    det, msg = build_detector(d.mode, scrfd_dir=d.model_dir, scrfd_name=d.name, det_size=d.det_size,
+                              det_thresh=d.det_thresh, blazeface_dir=d.blazeface_dir)
+    if cfg.preset == "faithful" and det is not None and getattr(det, "name", "") != "scrfd":
+        msg += ("; the faithful preset prefers SCRFD (the released models were trained on its keypoints): "
+                "install the 'detect' extra and the antelopev2 pack")
+    return det, msg
 
 
 @dataclass
@@ -163,6 +164,7 @@ class Job:
     name: str  # relative path with suffix: the summary's name
     face: Any = None
     seconds: float = 0.0
+    last: bool = True  # the image's last job (``detector.faces=all`` makes one job per face)
 
 
 @dataclass
@@ -176,13 +178,15 @@ class RunState:
         self.records.append({"image": job.name, "status": "failed", "reason": reason})
 
 
-def plan(input_path: Path, output: Path, rank: int = 0, world: int = 1, redo: bool = False
-         ) -> tuple[list[Job], list[dict]]:
+def plan(input_path: Path, output: Path, rank: int = 0, world: int = 1, redo: bool = False,
+         every_face: bool = False) -> tuple[list[Job], list[dict]]:
     """This process's share of the images: (jobs to do, records of those done before or skipped).
 
     An image's output folder is its path relative to the input without the suffix; images that
     would share one (``face.jpg`` and ``face.png``) keep their suffix instead (``face.jpg/``),
-    so each has its own folder and its own noise. ``redo`` ignores finished images.
+    so each has its own folder and its own noise. ``redo`` ignores finished images. With
+    ``every_face`` the faces are known only after detection: :func:`prepare` skips those done
+    before.
     """
     exclude = output if output.resolve().is_relative_to(input_path.resolve()) and input_path.is_dir() else None
     root, files, skipped = list_inputs(input_path, exclude)
@@ -193,29 +197,46 @@ def plan(input_path: Path, output: Path, rank: int = 0, world: int = 1, redo: bo
         if j % world != rank:
             continue
         job = Job(f, f.relative_to(root).as_posix() if rel in taken else rel, str(f.relative_to(root)))
-        if not redo and (output / job.rel / RESULT_FILE).is_file():
+        if not redo and not every_face and (output / job.rel / RESULT_FILE).is_file():
             done.append({"image": job.name, "status": "done-before"})
         else:
             todo.append(job)
     return todo, done
 
 
-def prepare(job: Job, detector: Any, cfg: SampleConfig, state: RunState) -> bool:
-    """Find and align ``job``'s face; False (and a failed record) when the image is unusable."""
+def prepare(job: Job, detector: Any, cfg: SampleConfig, state: RunState, output: Path | None = None) -> list[Job]:
+    """Find and align ``job``'s face: the jobs to reconstruct, empty (and a failed record) when
+    the image is unusable. With ``detector.faces=all`` one job per face, output
+    ``<image>_face<k>`` (numbered from the left); faces whose ``result.json`` is in ``output``
+    are recorded as done before."""
+    which = cfg.detector.faces
     t0 = time.perf_counter()
     try:
-        job.face = prepare_face(job.path, detector, aligned=cfg.aligned, use_sidecar=cfg.use_sidecar,
-                                channel_order=cfg.channel_order)
+        faces = prepare_faces(job.path, detector, aligned=cfg.aligned, use_sidecar=cfg.use_sidecar, which=which,
+                              channel_order=cfg.channel_order, min_relative_size=cfg.detector.min_relative_size)
     except OferError as exc:
         state.fail(job, str(exc))
-        return False
+        return []
     except Exception as exc:  # an unforeseen fault of one image must not stop the others
         state.fail(job, _error_line(exc))
-        return False
+        return []
     finally:
         job.seconds = time.perf_counter() - t0
         state.timer["prepare"] += job.seconds
-    return True
+    if which != "all":
+        job.face = faces[0]
+        return [job]
+    jobs = []
+    for f in faces:
+        fj = Job(job.path, f"{job.rel}_face{f.face_index}", f"{job.name}#face{f.face_index}", face=f,
+                 seconds=job.seconds / len(faces), last=False)
+        if output is not None and (output / fj.rel / RESULT_FILE).is_file():
+            state.records.append({"image": fj.name, "status": "done-before"})
+        else:
+            jobs.append(fj)
+    if jobs:
+        jobs[-1].last = True
+    return jobs
 
 
 def _error_line(exc: BaseException) -> str:
@@ -257,7 +278,8 @@ def reconstruct_batch(batch: list[Job], rec: Reconstructor, cfg: SampleConfig, o
             continue
         t0 = time.perf_counter()
         meta = {"image": j.name, "status": "ok", "image_index": i, "ranked_index": res.ranked_index,
-                "face_source": j.face.source, "notes": list(j.face.notes),
+                "face_source": j.face.source, "detector": j.face.detector, "n_faces": j.face.n_faces,
+                "kps": np.round(j.face.kps.astype(np.float64), 2).tolist(), "notes": list(j.face.notes),
                 "preset": "custom" if cfg.samplers_overridden else cfg.preset, "samplers": samplers,
                 "seed": cfg.seed, "n_identities": cfg.n_identities, "n_expressions": cfg.n_expressions,
                 "units": "mm"}
@@ -400,7 +422,7 @@ def run(cfg: SampleConfig, input_path: str | os.PathLike, output: str | os.PathL
     input_path, output = Path(input_path), Path(output)
     rank, world, _ = dist_env()
     claim_output(output, cfg, rank)
-    todo, done = plan(input_path, output, rank, world, redo=cfg.overwrite)
+    todo, done = plan(input_path, output, rank, world, redo=cfg.overwrite, every_face=cfg.detector.faces == "all")
     state = RunState(records=done)
     rec = reconstructor
     if rec is None and todo:
@@ -417,17 +439,17 @@ def run(cfg: SampleConfig, input_path: str | os.PathLike, output: str | os.PathL
     t_start = time.perf_counter()
     try:
         for job in todo:
-            if prepare(job, detector, cfg, state):
-                batch.append(job)
-            else:
+            ready = prepare(job, detector, cfg, state, None if cfg.overwrite else output)
+            batch += ready
+            if not ready:
                 bar.update(1)
-            if len(batch) >= cfg.batch_size:
-                reconstruct_batch(batch, rec, cfg, output, faces, state)
-                bar.update(len(batch))
-                batch = []
+            while len(batch) >= cfg.batch_size:
+                reconstruct_batch(batch[:cfg.batch_size], rec, cfg, output, faces, state)
+                bar.update(sum(j.last for j in batch[:cfg.batch_size]))
+                batch = batch[cfg.batch_size:]
         if batch:
             reconstruct_batch(batch, rec, cfg, output, faces, state)
-            bar.update(len(batch))
+            bar.update(sum(j.last for j in batch))
             batch = []
     except KeyboardInterrupt:
         interrupted = True
