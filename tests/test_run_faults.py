@@ -197,3 +197,40 @@ def test_a_full_disk_fails_images_and_keeps_the_run(setup, tmp_path):
         assert not list((disk / "out").rglob("*.tmp"))
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("kind", ["swapped", "xy", "nan", "outside", "collinear"])
+def test_implausible_sidecars_fail_their_image(setup, tmp_path, kind):
+    root, images, ov = setup
+    src = _images(setup, tmp_path, ["a"])
+    kps = np.loadtxt(src / "a.kps.txt")
+    bad = {"swapped": kps[[1, 0, 2, 4, 3]], "xy": kps[:, ::-1], "outside": kps + 500,
+           "collinear": np.c_[np.linspace(30, 90, 5), np.full(5, 60.0)], "nan": np.where(np.eye(5, 2) > 0, np.nan, kps)}
+    np.savetxt(src / "a.kps.txt", bad[kind])
+    s = run(_cfg(ov, "preview=false"), src, tmp_path / "out", log=_quiet)
+    reason = {"swapped": "do not fit a face", "xy": "do not fit a face", "collinear": "do not fit a face",
+              "outside": "outside the", "nan": "NaN or infinite"}[kind]
+    assert s["failed"] == 1 and reason in s["records"][0]["reason"], s["records"]
+    if kind in ("swapped", "xy"):  # the key relaxes the template check
+        s = run(_cfg(ov, "preview=false", "max_kps_residual=null"), src, tmp_path / "out2", log=_quiet)
+        assert s["ok"] == 1
+
+
+def test_odd_files_are_read_named_or_noted(setup, tmp_path):
+    root, images, ov = setup
+    src = _images(setup, tmp_path, ["a"])
+    img = Image.open(src / "a.png").convert("RGB")
+    img.save(src / "p.ppm")
+    shutil.copy(src / "a.kps.txt", src / "p.kps.txt")
+    img.save(src / "j.jpg", quality=95)
+    (src / "j.jpg").write_bytes((src / "j.jpg").read_bytes() + os.urandom(200))  # trailing garbage
+    shutil.copy(src / "a.kps.txt", src / "j.kps.txt")
+    latin = os.fsdecode(b"caf\xe9")  # a file name that is not UTF-8
+    shutil.copy(src / "a.png", src / f"{latin}.png")
+    shutil.copy(src / "a.kps.txt", src / f"{latin}.kps.txt")
+    s = run(_cfg(ov, "preview=false"), src, tmp_path / "out", log=_quiet)
+    assert s["ok"] == 4 and s["failed"] == 0, s["records"]
+    notes = json.loads((tmp_path / "out" / "j" / "result.json").read_text())["notes"]
+    assert any("200 bytes after the end of the JPEG data" in n for n in notes)
+    assert (tmp_path / "out" / latin / "result.json").is_file()
+    assert "caf" in (tmp_path / "out" / "summary.csv").read_text(encoding="utf-8")

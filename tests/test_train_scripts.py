@@ -565,3 +565,25 @@ def test_normalize_config_errors(world, tmp_path):
                       [*base, "diffusion.target_mean=[0.0]", "diffusion.target_std=[1.0]"])
     with pytest.raises(ConfigError, match="normalize.mean must have 8 entries"):
         build_model("idgen", cfg, load_weights=False)
+
+
+def test_resuming_another_kinds_run_and_nan_targets_are_named(world, tmp_path):
+    args = [f"data_root={world}", f"run_dir={tmp_path}", *COMMON, *FARL, *SMALL_DENOISER,
+            "diffusion.normalize=true", "train.max_steps=1"]
+    trainExpGen.main(load_config(ExpGenTrainConfig, DEMO / "expgen.yaml", args))
+    cfg = _idgen_cfg(world, tmp_path, ["diffusion.normalize=true", "resume=true"])
+    with pytest.raises(CheckpointError, match=r"targets have 53 coefficients, not \d+ \(another kind"):
+        build.fill_target_stats(cfg, "idgen", None)
+    train, _ = build.build_datasets(cfg, "idgen")
+    bad = train.entries[0].params
+    z = dict(np.load(bad))
+    z[next(iter(z))] = np.full_like(z[next(iter(z))], np.nan)
+    np.savez(bad, **z)
+    from ofer.errors import AssetError
+
+    try:
+        with pytest.raises(AssetError, match=f"{bad}: the FLAME parameters hold NaN"):
+            build.target_stats(train, "idgen", cfg.n_shape)
+    finally:
+        z[next(iter(z))] = np.zeros_like(z[next(iter(z))])
+        np.savez(bad, **z)

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageError
+from ..geometry import umeyama as similarity_fit
 from .align import (
     ARCFACE_TEMPLATE,
     MIN_RELATIVE_SIZE,
@@ -72,15 +73,23 @@ __all__ = [
     "prepare_face_array",
     "prepare_faces",
     "prepare_faces_array",
+    "check_keypoints",
+    "keypoint_residual",
+    "file_notes",
     "CROP_JPEG_QUALITY",
     "crop_file_paths",
     "write_face_crops",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm")
 
 #: Images with more pixels than this are refused (a decompression bomb guard; 250 MP).
 MAX_PIXELS = 250_000_000
+
+#: Given keypoints (sidecars) are refused when their similarity fit to the 5-point ArcFace
+#: template leaves an RMS residual above this, in pixels of the 112 px crop: real detections
+#: fit within about 7.5 px, left/right or x/y swaps leave about 20 px, collinear points about 15.
+MAX_KPS_RESIDUAL = 12.0
 
 
 @dataclass
@@ -165,6 +174,8 @@ def read_image(path: str | os.PathLike, min_side: int = 1) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise ImageError(f"{p}: file not found")
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own guard (89.5 MP) would refuse earlier
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -185,11 +196,65 @@ def read_image(path: str | os.PathLike, min_side: int = 1) -> np.ndarray:
         raise ImageError(f"{p}: not an image file (or an unsupported format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{p}: image too large ({_first_line(exc)})") from None
+    except PermissionError as exc:
+        raise ImageError(f"{p}: cannot read the file ({exc.strerror})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{p}: truncated or corrupt image ({_first_line(exc)})") from None
     if min(arr.shape[:2]) < min_side:
         raise ImageError(f"{p}: image too small ({arr.shape[1]}x{arr.shape[0]} px; at least {min_side} px needed)")
     return arr
+
+
+def file_notes(path: str | os.PathLike) -> list[str]:
+    """What a user should know about an image file that still decodes: data after the end of a
+    JPEG (a damaged or concatenated file), or a JPEG without its end marker."""
+    p = Path(path)
+    if p.suffix.lower() not in (".jpg", ".jpeg"):
+        return []
+    try:
+        data = p.read_bytes()
+    except OSError:
+        return []
+    if not data.startswith(b"\xff\xd8"):
+        return []
+    end = data.rfind(b"\xff\xd9")
+    if end < 0:
+        return ["the JPEG data has no end marker: the file may be truncated"]
+    extra = len(data) - (end + 2)
+    return [f"{extra} bytes after the end of the JPEG data (ignored): the file may be damaged"] if extra else []
+
+
+def keypoint_residual(kps: np.ndarray) -> float:
+    """RMS distance, in pixels of the 112 px ArcFace crop, between ``kps (5, 2)`` mapped by its
+    best similarity onto the template and the template (:data:`ARCFACE_TEMPLATE`)."""
+    s, r, t = similarity_fit(np.asarray(kps, np.float64), ARCFACE_TEMPLATE)
+    mapped = s * kps @ r.T + t
+    return float(np.sqrt(np.mean(np.sum((mapped - ARCFACE_TEMPLATE) ** 2, axis=1))))
+
+
+def check_keypoints(kps: np.ndarray, image_shape: tuple[int, ...], name: str,
+                    max_residual: float | None = MAX_KPS_RESIDUAL) -> None:
+    """Refuse given keypoints that cannot be a face of this image (one-line :class:`ImageError`).
+
+    They must be finite, lie in the image (widened by half the face's size, for a face cut by
+    the border) and, unless ``max_residual`` is None, fit the 5-point template within
+    ``max_residual`` px (:func:`keypoint_residual`; catches left/right or x/y swaps).
+    """
+    h, w = image_shape[:2]
+    for k, face in enumerate(np.asarray(kps, np.float64).reshape(-1, 5, 2)):
+        which = f"face {k + 1}: " if len(kps) > 1 else ""
+        if not np.all(np.isfinite(face)):
+            raise ImageError(f"{name}: {which}the keypoints hold NaN or infinite coordinates")
+        span = float(np.ptp(face, axis=0).max())
+        lo, hi = face.min(axis=0), face.max(axis=0)
+        if lo[0] < -span / 2 or lo[1] < -span / 2 or hi[0] > w + span / 2 or hi[1] > h + span / 2:
+            raise ImageError(f"{name}: {which}the keypoints lie outside the {w}x{h} image")
+        if max_residual is not None:
+            res = keypoint_residual(face)
+            if not res <= max_residual:
+                raise ImageError(f"{name}: {which}the keypoints do not fit a face (left/right or x/y swapped, "
+                                 f"or not 5 distinct points?): template residual {res:.1f} px at 112 px, at most "
+                                 f"{max_residual:g} (config key 'max_kps_residual' relaxes it)")
 
 
 def sidecar_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -225,8 +290,10 @@ def read_sidecar_faces(path: str | os.PathLike) -> np.ndarray | None:
     else:
         return None
     ok = kps.ndim in (2, 3) and kps.shape[-1] == 2 and kps.size and (kps.size // 2) % 5 == 0
-    if not ok or not np.all(np.isfinite(kps)):
+    if not ok:
         raise ImageError(f"{src}: expected 5 keypoints (5 rows of 'x y') per face, got shape {kps.shape}")
+    if not np.all(np.isfinite(kps)):
+        raise ImageError(f"{src}: the keypoints hold NaN or infinite coordinates")
     return kps.reshape(-1, 5, 2)
 
 
@@ -368,12 +435,14 @@ def prepare_faces_array(
     name: str = "image",
     source_hint: str | None = None,
     min_relative_size: float = MIN_RELATIVE_SIZE,
+    max_kps_residual: float | None = MAX_KPS_RESIDUAL,
 ) -> list[PreparedFace]:
     """The chosen faces of an ``(H, W, 3)`` uint8 RGB array (``name`` is used in errors).
 
-    ``kps`` is ``(5, 2)`` or, for several faces, ``(K, 5, 2)``; ``which`` is ``"center"``,
-    ``"largest"`` or ``"all"`` (see the module docstring). Never empty: no face is an
-    :class:`ImageError`.
+    ``kps`` is ``(5, 2)`` or, for several faces, ``(K, 5, 2)``; given keypoints are checked by
+    :func:`check_keypoints` (``max_kps_residual`` None skips the template fit). ``which`` is
+    ``"center"``, ``"largest"`` or ``"all"`` (see the module docstring). Never empty: no face
+    is an :class:`ImageError`.
     """
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -387,6 +456,7 @@ def prepare_faces_array(
         kpss = kpss[None] if kpss.ndim == 2 else kpss
         if kpss.ndim != 3 or kpss.shape[1:] != (5, 2) or len(kpss) == 0:
             raise ImageError(f"{name}: keypoints must be a finite (5, 2) array, got {np.shape(kps)}")
+        check_keypoints(kpss, image.shape, name, max_kps_residual)
         source = source_hint or "given"
     elif aligned:
         if h != w or h % 112:
@@ -458,6 +528,7 @@ def prepare_faces(
     antialias: bool = True,
     min_side: int = 32,
     min_relative_size: float = MIN_RELATIVE_SIZE,
+    max_kps_residual: float | None = MAX_KPS_RESIDUAL,
 ) -> list[PreparedFace]:
     """Read one image and make the ArcFace input and FaRL crop of each chosen face.
 
@@ -478,6 +549,7 @@ def prepare_faces(
             (``False`` reproduces OpenCV's aliased sampling).
         min_side: smaller images are refused (aligned inputs are exempt).
         min_relative_size: faces smaller than this fraction of the largest are not candidates.
+        max_kps_residual: the template-fit limit for given keypoints (:func:`check_keypoints`).
 
     Returns:
         the :class:`PreparedFace` of each chosen face (one unless ``which="all"``).
@@ -496,10 +568,12 @@ def prepare_faces(
     faces = prepare_faces_array(
         image, detector, kps=kps, aligned=aligned, which=which, channel_order=channel_order,
         detect_max_side=detect_max_side, antialias=antialias, name=str(p), source_hint=hint,
-        min_relative_size=min_relative_size,
+        min_relative_size=min_relative_size, max_kps_residual=max_kps_residual,
     )
+    notes = file_notes(p)
     for face in faces:
         face.path = p
+        face.notes.extend(notes)
     return faces
 
 

@@ -90,6 +90,9 @@ class SampleConfig:
     channel_order: Literal["bgr", "rgb"] = "bgr"
     aligned: bool = False
     use_sidecar: bool = True
+    #: sidecar keypoints whose fit to the 5-point template leaves more than this RMS residual
+    #: (px at 112) are refused as not a face (swapped points); null: no check
+    max_kps_residual: Optional[float] = 12.0
     mesh_format: Literal["ply", "obj"] = "ply"
     preview: bool = True
     progress: bool = True

@@ -213,7 +213,8 @@ def prepare(job: Job, detector: Any, cfg: SampleConfig, state: RunState, output:
     t0 = time.perf_counter()
     try:
         faces = prepare_faces(job.path, detector, aligned=cfg.aligned, use_sidecar=cfg.use_sidecar, which=which,
-                              channel_order=cfg.channel_order, min_relative_size=cfg.detector.min_relative_size)
+                              channel_order=cfg.channel_order, min_relative_size=cfg.detector.min_relative_size,
+                              max_kps_residual=cfg.max_kps_residual)
     except OferError as exc:
         state.fail(job, str(exc))
         return []
@@ -336,7 +337,7 @@ def _merge_summaries(output: Path, world: int, cfg: SampleConfig) -> dict:
     w.writerow(["image", "status", "seconds", "ranked_index", "reason"])
     for r in records:
         w.writerow([r["image"], r["status"], r.get("seconds", ""), r.get("ranked_index", ""), r.get("reason", "")])
-    atomic_write_bytes(output / "summary.csv", buf.getvalue().encode())
+    atomic_write_bytes(output / "summary.csv", buf.getvalue().encode("utf-8", "backslashreplace"))
     return summary
 
 

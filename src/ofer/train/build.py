@@ -63,6 +63,8 @@ def target_stats(dataset: Any, kind: str, n_coeffs: int) -> tuple[list[float], l
         p = load_params(e, dataset.n_shape, dataset.n_exp, spec.data_mode)
         rows.append(p["shape_coeffs"][:n_coeffs] if spec.data_mode == "identity"
                     else np.concatenate([p["exp_coeffs"][:n_coeffs], p["jaw_pose"]]))
+        if not np.all(np.isfinite(rows[-1])):
+            raise AssetError(f"{e.params}: the FLAME parameters hold NaN or infinite values")
     if not rows:
         raise ConfigError("diffusion.normalize: the training set is empty")
     x = np.stack(rows).astype(np.float64)
@@ -96,15 +98,21 @@ def fill_target_stats(cfg: Any, kind: str, train_set: Any) -> None:
     d = cfg.diffusion
     if not d.normalize or (d.target_mean is not None and d.target_std is not None):
         return
+    identity = get_spec(kind).data_mode == "identity"
+    n_coeffs = cfg.n_shape if identity else cfg.n_exp
+    n = n_coeffs if identity else n_coeffs + 3  # ExpGen's targets end with the jaw
 
     ck = latest_checkpoint(cfg.run_dir) if cfg.resume else None
     if ck is not None:
         saved = _saved_config(Path(cfg.run_dir), ck).get("diffusion") or {}
         if saved.get("target_mean") is not None and saved.get("target_std") is not None:
+            if len(saved["target_mean"]) != n:
+                raise CheckpointError(f"config key 'run_dir': {cfg.run_dir} holds a run whose targets have "
+                                      f"{len(saved['target_mean'])} coefficients, not {n} (another kind's or "
+                                      "another configuration's run): choose another run_dir")
             d.target_mean, d.target_std = list(saved["target_mean"]), list(saved["target_std"])
             return
-    n = cfg.n_shape if get_spec(kind).data_mode == "identity" else cfg.n_exp
-    d.target_mean, d.target_std = target_stats(train_set, kind, n)
+    d.target_mean, d.target_std = target_stats(train_set, kind, n_coeffs)
 
 
 def load_val_ranker(cfg: Any) -> Optional[ConditionedModel]:

@@ -213,6 +213,7 @@ def make_crops(output_dir: Path, items: Sequence[tuple[str, np.ndarray, np.ndarr
 
     for rel, img, kps in items:
         face = prepare_face_array(img, kps=np.asarray(kps, np.float64), name=rel, source_hint="sidecar",
+                                  max_kps_residual=None,
                                   channel_order=ARCFACE_CHANNEL_ORDER)
         # the world is written in a staging folder renamed into place at the end: no temp files
         write_face_crops(face, output_dir / rel, atomic=False)
