@@ -70,28 +70,32 @@ def color_scale(scales: Sequence[tuple[str, float]], size: int = CELL) -> np.nda
     cell = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(cell)
     n = max(1, len(scales))
-    top, bottom = 30, size - 16
-    bar_w = max(10, size // (5 * n))
+    top, bottom = 44, size - 12
+    bar_w = max(12, size // (6 * n))
     grad = colorize(np.linspace(1.0, 0.0, bottom - top), 1.0)  # top of the bar = top of the scale
-    draw.text((6, 4), "spread (mm)", fill=(0, 0, 0))
+    draw.text((8, 6), "spread, mm", fill=(0, 0, 0))
     for i, (name, vmax) in enumerate(scales):
-        x0 = 12 + i * (size - 12) // n
-        bar = np.repeat(grad[:, None], bar_w, axis=1)
-        cell.paste(Image.fromarray(bar), (x0, top))
+        x0 = 16 + i * (size - 16) // n
+        cell.paste(Image.fromarray(np.repeat(grad[:, None], bar_w, axis=1)), (x0, top))
         draw.rectangle((x0 - 1, top - 1, x0 + bar_w, bottom), outline=(90, 90, 90))
-        draw.text((x0, 16), name, fill=(0, 0, 0))
+        draw.text((x0 - 4, 26), name, fill=(0, 0, 0))
         for frac in (0.0, 0.5, 1.0):
             y = round(bottom - 1 - frac * (bottom - top - 1))
             draw.line((x0 + bar_w, y, x0 + bar_w + 4, y), fill=(0, 0, 0))
-            draw.text((x0 + bar_w + 6, y - 5), f"{frac * vmax:g}", fill=(0, 0, 0))
+            draw.text((x0 + bar_w + 7, y - 6), f"{frac * vmax:g}", fill=(0, 0, 0))
     return np.asarray(cell)
 
 
-def _frame_box(vertices: np.ndarray) -> tuple[np.ndarray, float]:
-    """Centre and extent of the face: the front of the head (FLAME faces +z), its upper part."""
+def _frame_box(vertices: np.ndarray, landmarks: Optional[np.ndarray] = None) -> tuple[np.ndarray, float]:
+    """Centre and extent of the face: the box of the 68 landmarks (brows to chin, jaw line to
+    jaw line) grown by a fifth, or without them the front of the head (FLAME faces +z)."""
+    if landmarks is not None:
+        lm = np.asarray(landmarks, np.float64)
+        if np.isfinite(lm).all() and np.ptp(lm[:, :2], axis=0).min() > 0:
+            lo, hi = lm.min(0), lm.max(0)
+            return (lo + hi) / 2.0, 1.2 * float(np.max(hi[:2] - lo[:2]))
     v = np.asarray(vertices, np.float64)
-    z_lo = np.quantile(v[:, 2], 0.55)
-    front = v[v[:, 2] >= z_lo]
+    front = v[v[:, 2] >= np.quantile(v[:, 2], 0.55)]
     if len(front) < 3:
         front = v
     lo, hi = front.min(0), front.max(0)
@@ -99,13 +103,13 @@ def _frame_box(vertices: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def _render_cells(meshes: np.ndarray, faces: np.ndarray, colors: np.ndarray, size: int,
-                  supersample: int = 2) -> list[np.ndarray]:
+                  landmarks: Optional[np.ndarray] = None, supersample: int = 2) -> list[np.ndarray]:
     """Render (n, V, 3) meshes with (n, V, 3) float colours, one camera framed on the first."""
     from ..render import Camera, render
 
-    center, extent = _frame_box(meshes[0])
+    center, extent = _frame_box(meshes[0], landmarks)
     s = max(1, int(supersample))
-    cam = Camera.framing(center, extent, size * s, fov_deg=12.0, fill=0.82, direction=_VIEW)
+    cam = Camera.framing(center, extent, size * s, fov_deg=12.0, fill=0.8, direction=_VIEW)
     light = np.asarray(_VIEW) + np.array([-0.5, 0.6, 0.2])
     # one thread: the rasteriser works on many small tensors, where a second thread costs more
     # than it brings (and competes with the sampling for the cores)
@@ -120,6 +124,11 @@ def _render_cells(meshes: np.ndarray, faces: np.ndarray, colors: np.ndarray, siz
     if s > 1:
         img = img.reshape(len(meshes), size, s, size, s, 3).mean(axis=(2, 4))
     return list(np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8))
+
+
+def _tint(rgb: np.ndarray, amount: float = 0.55) -> np.ndarray:
+    """Colours blended into the clay colour: the hypotheses stay recognisable as shapes."""
+    return (1.0 - amount) * np.array([0.80, 0.78, 0.76]) + amount * rgb
 
 
 def method_preview(res, faces: np.ndarray, crop: np.ndarray, image: Optional[np.ndarray] = None,
@@ -155,18 +164,26 @@ def method_preview(res, faces: np.ndarray, crop: np.ndarray, image: Optional[np.
                       else "identity spread")
     chosen = res.chosen_vertices if res.chosen_vertices is not None else res.expression_vertices[:4]
     idx = res.chosen_index if res.chosen_index is not None else list(range(len(chosen)))
-    for k, v in zip(idx, chosen):
-        meshes.append(v)
-        colors.append(colors[0])
-        labels.append(f"expression #{k}")
     if res.expression_spread is not None:
         exp_max = spread_scale(res.expression_spread.numpy(), scale_mm)
+    for k, v in zip(idx, chosen):
+        meshes.append(v)
+        if res.expression_mean is not None and exp_max is not None:
+            # where this hypothesis departs from the mean of the M, on the expression scale
+            dist = torch.linalg.vector_norm(torch.as_tensor(v).double() - res.expression_mean.double(), dim=-1)
+            colors.append(_tint(colorize(dist.numpy() * 1000.0, exp_max) / 255.0))
+            labels.append(f"expression #{k}, off the mean")
+        else:
+            colors.append(colors[0])
+            labels.append(f"expression #{k}")
+    if exp_max is not None:
         meshes.append(res.identity_vertices)
         colors.append(colorize(res.expression_spread.numpy(), exp_max) / 255.0)
         labels.append(f"expression spread, M={res.uncertainty['n_expressions']}" if res.uncertainty
                       else "expression spread")
     stack = np.stack([torch.as_tensor(m).float().numpy() for m in meshes])
-    cells += _render_cells(stack, faces, np.stack(colors).astype(np.float32), size)
+    lm = None if res.landmarks68 is None else torch.as_tensor(res.landmarks68).double().numpy()
+    cells += _render_cells(stack, faces, np.stack(colors).astype(np.float32), size, lm)
     if id_max is not None or exp_max is not None:
         scales = [(n, m) for n, m in (("identity", id_max), ("expression", exp_max)) if m is not None]
         if len(scales) == 2 and scales[0][1] == scales[1][1]:

@@ -67,6 +67,7 @@ class ImageResult:
     top_k: int = 0
     chosen_index: list[int] | None = None  # expressions chosen far apart (indices into M)
     chosen_vertices: torch.Tensor | None = None  # (C, V, 3) their meshes
+    expression_mean: torch.Tensor | None = None  # (V, 3) the mean of the M expression meshes
     #: JSON-ready summary of the three spreads (mean, p95, max, per region), mm
     uncertainty: dict | None = None
 
@@ -258,6 +259,7 @@ class Reconstructor:
                 expression_vertices=exp_verts[i, :S].cpu(),
                 identity_spread=spreads["identity"], topk_spread=spreads["identity_top_k"],
                 expression_spread=spreads["expression"], top_k=k, chosen_index=chosen,
-                chosen_vertices=exp_verts[i, chosen].cpu(), uncertainty=summary,
+                chosen_vertices=exp_verts[i, chosen].cpu(), expression_mean=exp_verts[i].mean(0).cpu(),
+                uncertainty=summary,
             ))
         return results
