@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean-venv bench
+.PHONY: demo test test-slow test-all install clean-venv bench
 
 install: $(STAMP)
 
@@ -19,8 +19,15 @@ $(STAMP): pyproject.toml constraints.txt
 	PIP_CONSTRAINT=$(VENV)/torch-pin.txt $(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# Two tiers: `make test` (fast, a few minutes on 2 CPU cores) and `make test-slow` (the
+# end-to-end runs, the whole demo among them). CI runs both (`make test-all`).
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+test-all: test test-slow
 
 demo: $(STAMP)
 	$(PY) -m ofer.demo

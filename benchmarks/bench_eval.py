@@ -24,7 +24,7 @@ import numpy as np
 
 from ofer.eval.geometry import MeshDistance
 from ofer.eval.now import crop_scan, evaluate_scan
-from ofer.eval.synthetic import head_landmarks, head_mesh, make_scan
+from ofer.world.now_scans import head_landmarks, head_mesh, make_scan
 
 
 def main() -> None:

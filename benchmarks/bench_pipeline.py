@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from ofer.config import load_config  # noqa: E402
 from ofer.flame import FLAME  # noqa: E402
-from ofer.flame.synthetic import write_synthetic_flame  # noqa: E402
+from ofer.world.head import write_synthetic_flame  # noqa: E402
 from ofer.models import ExpGen, IdGen, IdRank  # noqa: E402
 from ofer.nets import FaRLEncoder, IResNet  # noqa: E402
 from ofer.sample.reconstructor import STAGES, Reconstructor  # noqa: E402

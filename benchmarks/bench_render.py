@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ofer.flame import FLAME  # noqa: E402
-from ofer.flame.synthetic import write_synthetic_flame  # noqa: E402
+from ofer.world.head import write_synthetic_flame  # noqa: E402
 from ofer.render import Camera, render, render_mesh_preview  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def main() -> None:
         torch.set_num_threads(threads0)
 
         if args.world:
-            from ofer.data.world import WorldConfig, build_world
+            from ofer.world.build import WorldConfig, build_world
 
             cfg = WorldConfig(identities=40, images_per_identity=8, expression_frames=2, images_per_frame=2,
                               test_identities=20, vertices=args.vertices)

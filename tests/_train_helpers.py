@@ -52,7 +52,7 @@ def write_world(root: Path, name: str = "TOY_TRAIN", n_actors: int = 6, n_images
 def write_flame(root: Path, n_vertices: int = 400) -> Path:
     """Synthetic FLAME-format assets in ``root/flame`` (generic_model.pkl, landmark_embedding.npy,
     FLAME_masks.pkl); returns the folder."""
-    from ofer.flame.synthetic import write_synthetic_flame
+    from ofer.world.head import write_synthetic_flame
 
     write_synthetic_flame(root / "flame", n_vertices=n_vertices, seed=0)
     return root / "flame"

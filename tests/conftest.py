@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def synthetic_flame_paths(tmp_path_factory):
     """A small synthetic FLAME model + landmark embedding + masks in the real file formats."""
-    from ofer.flame.synthetic import write_synthetic_flame
+    from ofer.world.head import write_synthetic_flame
 
     return write_synthetic_flame(tmp_path_factory.mktemp("flame"), n_vertices=600, seed=0)
 

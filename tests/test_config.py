@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -154,8 +155,11 @@ def test_shipped_configs_load_and_match_paper(name, schema):
         assert cfg.diffusion.lr == 1e-3 and cfg.farl.lr == 1e-4
     if name == "idrank":
         assert cfg.num_samples == 100 and cfg.ranker.lr == 1e-6
-    # the demo variant loads too
-    load_config(schema, REPO / "configs" / "demo" / f"{name}.yaml")
+    # the demo variant (package data of ofer.world) loads too
+    from ofer.demo import config_file
+
+    with resources.as_file(config_file(name)) as demo:
+        load_config(schema, demo)
 
 
 def _leaves(node):

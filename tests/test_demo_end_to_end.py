@@ -1,9 +1,9 @@
 """The demo end to end: the trained models must pass every learning check of the report.
 
 ``python -m ofer.demo`` builds the world, trains IdGen, ExpGen and IdRank with the real
-training scripts and ``configs/demo``, samples the 72 test images with ``sample.py`` and
-writes the report. Each check holds only when its paired effect is positive and its
-one-sided randomisation test gives p < 0.05 (``ofer.eval.world``); the other tests of the
+trainers and the packaged demo configs (``ofer/world/configs``), samples the 72 test images
+as ``sample.py`` does and writes the report. Each check holds only when its paired effect is positive and its
+one-sided randomisation test gives p < 0.05 (``ofer.world.report``); the other tests of the
 report show that the checks fail on samples built to fail them. The runs are seeded, so on
 a given machine kind the report is the same every time.
 
@@ -17,20 +17,27 @@ steps, not the identities, take most of the 8 minutes (``-m "not slow"`` leaves 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
-from ofer.eval.world import ALPHA, CHECK_P
+from ofer.world.report import ALPHA, CHECK_P
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
+    import ofer
     from ofer.demo import main
 
     root = tmp_path_factory.mktemp("demo")
-    assert main(["--root", str(root)]) == 0
+    # the demo's steps run `python -m ofer...`: they import the package under test
+    src = str(Path(ofer.__file__).resolve().parents[1])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+        assert main(["--root", str(root)]) == 0
     assert (root / "report.md").is_file() and (root / "previews.png").is_file()
     return json.loads((root / "report.json").read_text())
 

@@ -1,4 +1,4 @@
-"""The demo's learning checks (``ofer.eval.world``) on a tiny synthetic world.
+"""The demo's learning checks (``ofer.world.report``) on a tiny synthetic world.
 
 The report's checks must be able to fail: samples built from the ground truth with known
 quality pass or fail them as constructed, an uninformed ranker / the mean-shape baseline
@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ofer.data.world import SceneConfig, WorldConfig, build_world
-from ofer.eval.world import ALPHA, paired_test, spearman, world_report
+from ofer.world.build import WorldConfig, build_world
+from ofer.world.report import ALPHA, paired_test, spearman, world_report
+from ofer.world.scene import SceneConfig
 
 N_SHAPE, N_EXP, N, M = 20, 50, 16, 8
 
@@ -58,6 +59,7 @@ def test_good_ranker_passes_identity_checks(world, tmp_path):
     assert s["ranked_beats_mean_sample_fraction"] == 1.0
 
 
+@pytest.mark.slow
 def test_uninformed_ranker_and_baseline_do_not_pass_by_construction(world, tmp_path):
     rng = np.random.default_rng(1)
     # an untrained ranker: picks the worst hypothesis (the check must fail) ...
@@ -82,6 +84,7 @@ def test_uninformed_ranker_and_baseline_do_not_pass_by_construction(world, tmp_p
     assert not s["checks"]["ranked_below_mean_sample"]
 
 
+@pytest.mark.slow
 def test_occlusion_and_diversity_checks_follow_the_data(world, tmp_path):
     rng = np.random.default_rng(2)
     gts = _gt(world)
@@ -143,6 +146,7 @@ def test_paired_test_against_naive_enumeration():
     assert paired_test(d) == paired_test(d)
 
 
+@pytest.mark.slow
 def test_a_positive_margin_within_the_noise_does_not_hold(world, tmp_path):
     # the occluder changes the error by +0.30 or -0.25 mm, alternating between scenes: the mean
     # grows a little but a sign flip explains it, so the check must not hold
@@ -177,7 +181,7 @@ def test_demo_trains_side_by_side_and_reports_failures(tmp_path, monkeypatch):
 
     import ofer.demo as demo
 
-    def fake_cmd(kind, script, root):
+    def fake_cmd(kind, config, root):
         # records its thread setting and the runs finished when it started; 'bad' fails
         code = ("import os, pathlib, sys, time; p = pathlib.Path(sys.argv[1]); time.sleep(0.3); "
                 "done = sorted(f.name for f in p.parent.glob('.*.done')); "
@@ -188,7 +192,7 @@ def test_demo_trains_side_by_side_and_reports_failures(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "_train_cmd", fake_cmd)
     base = os.nice(0) if hasattr(os, "nice") else 0
-    demo._train([("idgen", "x.py"), ("expgen", "y.py"), ("idrank", "z.py", "idgen")], tmp_path, threads=1,
+    demo._train([("idgen", "x.yaml"), ("expgen", "y.yaml"), ("idrank", "z.yaml", "idgen")], tmp_path, threads=1,
                 nice={"idgen": 3})
     assert (tmp_path / "idgen.ran").read_text().startswith("1 ")
     assert (tmp_path / "expgen.ran").read_text().startswith("1 ")
@@ -200,16 +204,16 @@ def test_demo_trains_side_by_side_and_reports_failures(tmp_path, monkeypatch):
     assert all((tmp_path / f".{k}.done").is_file() for k in ("idgen", "expgen", "idrank"))
     # finished runs are skipped
     (tmp_path / "idgen.ran").unlink()
-    demo._train([("idgen", "x.py")], tmp_path)
+    demo._train([("idgen", "x.yaml")], tmp_path)
     assert not (tmp_path / "idgen.ran").exists()
     # a failing run stops the demo, names itself and its log, is not marked done, and what
     # needs it does not start; an unrelated run still finishes
     with pytest.raises(SystemExit, match=r"training failed: bad \(exit 3, see .*bad\.log\)"):
-        demo._train([("bad", "z.py"), ("later", "w.py", "bad"), ("other", "v.py")], tmp_path)
+        demo._train([("bad", "z.yaml"), ("later", "w.yaml", "bad"), ("other", "v.yaml")], tmp_path)
     assert not (tmp_path / ".bad.done").exists() and not (tmp_path / "later.ran").exists()
     assert (tmp_path / ".other.done").is_file()
     with pytest.raises(SystemExit, match=r"orphan \(needs nothing_here, which is neither done nor in this list\)"):
-        demo._train([("orphan", "w.py", "nothing_here")], tmp_path)
+        demo._train([("orphan", "w.yaml", "nothing_here")], tmp_path)
 
 
 def test_demo_refuses_a_cached_world_of_another_size(tmp_path):

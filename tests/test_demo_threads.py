@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from importlib import resources
 import sys
 from pathlib import Path
 
@@ -42,26 +43,26 @@ def test_demo_pins_every_training_run_and_the_sampling(busy_caller, monkeypatch,
     seen: list[tuple[str, dict]] = []
 
     class Done:
-        def __init__(self, cmd, env=None, **kw):
-            seen.append((Path(cmd[1]).name, dict(env) if env is not None else None))
+        def __init__(self, cmd, env=None, **kw):  # the trainings: python -m ofer.train KIND ...
+            seen.append((cmd[3], dict(env) if env is not None else None))
 
         def poll(self):
             return 0
 
     def fake_run(cmd, env=None, **kw):
-        seen.append((cmd[2] if cmd[1] == "-m" else Path(cmd[1]).name, dict(env) if env is not None else None))
+        seen.append((cmd[2], dict(env) if env is not None else None))
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(demo.subprocess, "Popen", Done)
     monkeypatch.setattr(demo.subprocess, "run", fake_run)
-    monkeypatch.setattr("ofer.eval.world.world_report", lambda *a, **k: {"summary": {}, "per_image": []})
-    monkeypatch.setattr("ofer.eval.world.format_report", lambda rep: "report\n")
+    monkeypatch.setattr(demo, "world_report", lambda *a, **k: {"summary": {}, "per_image": []})
+    monkeypatch.setattr(demo, "format_report", lambda rep: "report\n")
     assert demo.main(["--root", str(tmp_path)]) == 0
     env = dict(seen)
-    assert set(env) == {"ofer.data.world", "trainIdGen.py", "trainExpGen.py", "trainIdRank.py", "sample.py"}
-    for script in ("trainIdGen.py", "trainExpGen.py", "trainIdRank.py"):
-        assert env[script]["OMP_NUM_THREADS"] == env[script]["MKL_NUM_THREADS"] == str(demo.TRAIN_THREADS)
-    assert env["sample.py"]["OMP_NUM_THREADS"] == env["sample.py"]["MKL_NUM_THREADS"] == str(demo.SAMPLE_THREADS)
+    assert set(env) == {"ofer.world", "idgen", "expgen", "idrank", "ofer.sample"}
+    for kind in ("idgen", "expgen", "idrank"):
+        assert env[kind]["OMP_NUM_THREADS"] == env[kind]["MKL_NUM_THREADS"] == str(demo.TRAIN_THREADS)
+    assert env["ofer.sample"]["OMP_NUM_THREADS"] == env["ofer.sample"]["MKL_NUM_THREADS"] == str(demo.SAMPLE_THREADS)
     # the report records them with what else its last digits depend on
     recorded = json.loads((tmp_path / "report.json").read_text())["environment"]
     assert (recorded["train_threads"], recorded["sample_threads"]) == (demo.TRAIN_THREADS, demo.SAMPLE_THREADS)
@@ -77,11 +78,12 @@ def tiny_world(tmp_path_factory) -> Path:
 
 
 def _train_idgen(world: Path, run: Path, env: dict) -> dict:
-    """A few steps of the demo IdGen (``configs/demo/idgen.yaml``) through the real script."""
-    cmd = [sys.executable, "trainIdGen.py", "--config", "configs/demo/idgen.yaml", f"data_root={world}",
-           f"run_dir={run}", "data.root=.", "data.val=[]", "train.max_steps=3", "train.val_every=0",
-           "train.ckpt_every=0", "train.progress=false", "train.tensorboard=false", "train.device=cpu"]
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+    """A few steps of the demo IdGen (its packaged config) through the real trainer."""
+    with resources.as_file(demo.config_file("idgen")) as config:
+        cmd = [sys.executable, "-m", "ofer.train", "idgen", "--config", str(config), f"data_root={world}",
+               f"run_dir={run}", "data.root=.", "data.val=[]", "train.max_steps=3", "train.val_every=0",
+               "train.ckpt_every=0", "train.progress=false", "train.tensorboard=false", "train.device=cpu"]
+        subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
     return torch.load(run / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)["model"]
 
 
@@ -89,6 +91,7 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_demo_training_weights_do_not_depend_on_the_callers_threads(tiny_world, tmp_path, monkeypatch):
     ref = _train_idgen(tiny_world, tmp_path / "ref", demo._thread_env(demo.TRAIN_THREADS))
     # the same run on two threads ends with other weights: the pin is what keeps them equal

@@ -11,7 +11,7 @@ import pytest
 
 from ofer.eval.co545 import Co545Error, aggregate, co545_metrics, evaluate_co545, main
 from ofer.eval.geometry import rodrigues
-from ofer.eval.synthetic import head_mesh
+from ofer.world.now_scans import head_mesh
 
 
 @pytest.fixture(scope="module")

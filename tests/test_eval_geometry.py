@@ -10,7 +10,7 @@ from ofer.eval.geometry import (MeshDistance, MeshError, brute_force_point_mesh_
                                 rodrigues, rotation_jacobian, umeyama, validate_mesh)
 from ofer.io import write_mesh
 from ofer.eval.geometry import _ScanToMesh
-from ofer.eval.synthetic import head_mesh, sample_surface
+from ofer.world.now_scans import head_mesh, sample_surface
 
 
 @pytest.fixture(scope="module")

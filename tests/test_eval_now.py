@@ -12,7 +12,7 @@ from ofer.eval.geometry import rodrigues
 from ofer.io import write_mesh
 from ofer.eval.now import (NowError, compute_crop, crop_scan, cumulative_error_curve, evaluate_now, evaluate_scan,
                            load_landmarks, load_pp, main, pooled_stats)
-from ofer.eval.synthetic import head_landmarks, head_mesh, make_scan, write_now_dataset, write_pp
+from ofer.world.now_scans import head_landmarks, head_mesh, make_scan, write_now_dataset, write_pp
 
 NOISE = 0.25  # mm
 
@@ -78,6 +78,27 @@ def test_crop_formula_by_hand():
     assert radius == pytest.approx(1.4 * (90 + 40) / 2)
     pts = np.array([[0, 2, 0], [0, 2 + 90.99, 0], [0, 2 + 91.01, 0]])
     np.testing.assert_array_equal(crop_scan(pts, L), [0, 1])
+
+
+def test_crop_boundary_is_resolved_in_float64():
+    # float32 .pp landmarks at scan-like coordinates (mm); float32 arithmetic would place the
+    # sphere with ~1e-5 mm error, far more than the 1e-6 mm margins below
+    L = np.array([[-47.31, 31.87, 1003.29], [-16.42, 29.53, 1011.77], [15.96, 30.11, 1012.08],
+                  [46.83, 32.44, 1004.15], [0.37, -11.62, 1030.91], [-24.18, -41.07, 1012.66],
+                  [23.55, -40.79, 1013.02]], dtype=np.float32)
+    Ld = L.astype(np.float64)
+    bridge = (Ld[1] + Ld[2]) / 2
+    centre = Ld[4] + 0.3 * (bridge - Ld[4])
+    radius = 1.4 * (np.sqrt(np.sum((Ld[0] - Ld[3]) ** 2)) + np.sqrt(np.sum((bridge - Ld[4]) ** 2))) / 2
+    got_centre, got_radius = compute_crop(L)
+    np.testing.assert_allclose(got_centre, centre, rtol=0, atol=1e-12)
+    assert got_radius == pytest.approx(radius, rel=1e-14)
+    dirs = np.concatenate([np.eye(3), -np.eye(3)])
+    inside = centre + (radius - 1e-6) * dirs
+    outside = centre + (radius + 1e-6) * dirs
+    ids = crop_scan(np.concatenate([inside, outside]), L)
+    assert ids.dtype == np.int64
+    np.testing.assert_array_equal(ids, np.arange(6))  # every point 1e-6 mm outside is dropped
 
 
 # ---------------------------------------------------------------- synthetic recovery

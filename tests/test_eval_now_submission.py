@@ -12,7 +12,7 @@ from ofer.eval.geometry import read_mesh
 from ofer.eval.now import NowError, evaluate_now, load_landmarks
 from ofer.eval.now_submission import (check_submission, load_shape_coeffs, main, neutral_meshes_mm,
                                       write_now_prediction, write_submission)
-from ofer.eval.synthetic import head_landmarks, head_mesh, make_scan, write_now_dataset
+from ofer.world.now_scans import head_landmarks, head_mesh, make_scan, write_now_dataset
 
 IMAGES = ["S01/multiview_neutral/IMG_0001.jpg", "S01/selfie/IMG_0002.jpg", "S02/multiview_occlusions/IMG_0003.jpg"]
 

@@ -12,7 +12,7 @@ import torch
 from ofer.errors import AssetError, UnsafePickleError
 from ofer.flame import FLAME, load_flame_model, load_landmark_embedding
 from ofer.flame.assets import export_flame_npz, safe_load_pickle
-from ofer.flame.synthetic import build_synthetic_flame, fake_chumpy, write_flame_pickle
+from ofer.world.head import build_synthetic_flame, fake_chumpy, write_flame_pickle
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_synthetic_faces_are_outward_and_closed(model):
 
 
 def test_synthetic_writer_is_deterministic(tmp_path):
-    from ofer.flame.synthetic import write_synthetic_flame
+    from ofer.world.head import write_synthetic_flame
 
     a = write_synthetic_flame(tmp_path / "a", n_vertices=300, seed=3)
     b = write_synthetic_flame(tmp_path / "b", n_vertices=300, seed=3)

@@ -219,6 +219,7 @@ def test_resume_skips_finished_and_redoes_unfinished(setup, tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_faithful_preset_runs_the_released_samplers(setup, tmp_path):
     root, images, ov = setup
     ov = [o for o in ov if not o.startswith(("idgen_steps", "expgen_steps"))]

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from ofer.data.align import ARCFACE_TEMPLATE, transform_points
-from ofer.data.images import prepare_face
+from ofer.data.images import prepare_face, write_face_crops
 from ofer.preprocess import main, preprocess_folder
 
 
@@ -107,3 +107,21 @@ def test_output_inside_input_is_not_reprocessed(tmp_path):
     assert res["done"] == ["a.png"]
     res2 = preprocess_folder(src, src / "processed", progress=False)
     assert res2["skipped"] == ["a.png"] and not res2["failed"]  # processed/a.jpg is not an input
+
+
+def test_crop_writer_round_trip_names_and_modes(tmp_path):
+    p, _ = _face(tmp_path / "in", "a.png")
+    face = prepare_face(p)
+    npy, jpg = write_face_crops(face, tmp_path / "x" / "sub" / "s.1")  # a stem with a dot keeps it
+    assert (npy.name, jpg.name) == ("s.1.npy", "s.1.jpg")
+    assert sorted(f.name for f in npy.parent.iterdir()) == ["s.1.jpg", "s.1.npy"]  # no temp file left
+    blob = np.load(npy)
+    assert blob.dtype == np.float32
+    np.testing.assert_array_equal(blob, face.arcface)
+    with Image.open(jpg) as im:
+        assert im.format == "JPEG" and im.size == (224, 224)
+        px = np.asarray(im.convert("RGB")).astype(int)
+    assert np.abs(px - face.farl_crop.astype(int)).mean() < 3.0  # JPEG at quality 95
+    # writing in place gives the same bytes as the atomic writer
+    npy2, jpg2 = write_face_crops(face, tmp_path / "y" / "s.1", atomic=False)
+    assert npy2.read_bytes() == npy.read_bytes() and jpg2.read_bytes() == jpg.read_bytes()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ofer.errors import ConfigError
 from ofer.models.checkpoint import read_checkpoint
 from ofer.train.ema import EMA
 from ofer.train.loop import TrainingDiverged, lr_factor, run_training
@@ -210,3 +211,34 @@ def test_nan_gradient_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
     # nothing half-written is left behind
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "latest.pt"]
+
+
+class _HugeStepTask(ToyTask):
+    """A finite loss and gradient, but an update so large that the weights overflow."""
+
+    def param_groups(self):
+        return [{**g, "lr": math.inf} for g in super().param_groups()]
+
+
+@pytest.mark.parametrize("ckpt_every", [1, 5])
+def test_an_overflowing_update_stops_at_once_and_names_a_finite_checkpoint(tmp_path, ckpt_every):
+    cfg = toy_config(tmp_path, **{"train.max_steps": 10, "train.ckpt_every": ckpt_every})
+    torch.manual_seed(0)
+    with pytest.raises(TrainingDiverged, match="non-finite weights after the update of step 0") as e:
+        run_training(cfg, _HugeStepTask(), ToyData())
+    latest = tmp_path / "checkpoints" / "latest.pt"
+    assert not latest.exists()  # nothing was saved before the first step, and nothing after it
+    assert str(e.value).endswith("stopped before any checkpoint was written")
+
+
+def test_a_run_dir_holding_a_run_is_not_replaced_silently(tmp_path):
+    torch.manual_seed(0)
+    run_training(toy_config(tmp_path, **{"train.max_steps": 4}), ToyTask(), ToyData())
+    before = (tmp_path / "checkpoints" / "latest.pt").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run .*resume=true.*overwrite=true"):
+        run_training(toy_config(tmp_path, **{"train.max_steps": 2}), ToyTask(), ToyData())
+    assert (tmp_path / "checkpoints" / "latest.pt").read_bytes() == before
+    res = run_training(toy_config(tmp_path, **{"train.max_steps": 2, "overwrite": "true"}), ToyTask(), ToyData())
+    assert res.step == 2 and read_checkpoint(tmp_path / "checkpoints" / "latest.pt")["step"] == 2
+    with pytest.raises(ConfigError, match="overwrite"):
+        toy_config(tmp_path, **{"resume": "true", "overwrite": "true"})

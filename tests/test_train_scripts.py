@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import ofer.world
 import trainExpGen
 import trainIdGen
 import trainIdRank
@@ -27,7 +31,7 @@ from _train_helpers import one_thread, write_flame, write_world  # noqa: F401 (f
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo"
+DEMO = Path(ofer.world.__file__).parent / "configs"  # the demo configs, package data
 
 COMMON = ["data.root=.", "data.actors_per_batch=2", "data.images_per_actor=2", "data.num_workers=0",
           "arcface.layers=[1,1,1,1]", "arcface.width=8", "arcface.freeze=l2", "arcface.weights=null",
@@ -286,6 +290,30 @@ def test_dry_run_demo_configs(world, idgen_run, ranker_ckpt, kind, script, capsy
         assert "validation ranker: " in out and "45 vertices (val/ranked_mm selects best.pt)" in out
 
 
+def test_module_entry_runs_the_script_trainers(world, capsys):
+    from ofer.train.entry import TRAINERS, main
+
+    # python -m ofer.train <kind> and the root scripts run the same functions
+    assert TRAINERS == {"idgen": trainIdGen.main, "expgen": trainExpGen.main, "idrank": trainIdRank.main}
+    args = ["--config", str(DEMO / "expgen.yaml"), f"data_root={world}", "data.root=.", "--dry-run"]
+    assert main(["expgen", *args]) == 0
+    via_module = capsys.readouterr().out
+    assert run_cli("expgen", ExpGenTrainConfig, trainExpGen.main, args) == 0
+    assert capsys.readouterr().out == via_module and via_module.rstrip().endswith("dry run OK")
+    with pytest.raises(SystemExit) as ei:
+        main(["resnet", *args])
+    assert ei.value.code == 2 and "invalid choice: 'resnet'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ei:
+        main(["idgen", "--help"])
+    assert ei.value.code == 0 and "python -m ofer.train idgen" in capsys.readouterr().out
+    # the module runs as python -m ofer.train (the kind first)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(ofer.world.__file__).parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "ofer.train", "--help"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0 and "{expgen,idgen,idrank}" in r.stdout, r.stderr
+
+
 def test_cli_errors_are_one_line(world, tmp_path, capsys):
     rc = run_cli("idgen", IdGenTrainConfig, trainIdGen.main,
                  ["--config", str(DEMO / "idgen.yaml"), "train.maxsteps=3"])
@@ -502,9 +530,13 @@ def test_expgen_normalize_run_keeps_its_statistics(world, tmp_path, monkeypatch)
         raise AssertionError("statistics recomputed on resume")
 
     monkeypatch.setattr(build, "target_stats", fail)
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or real_load(f, *a, **k))
     cfg = load_config(ExpGenTrainConfig, DEMO / "expgen.yaml", [*args, "resume=true", "train.max_steps=4"])
     res = trainExpGen.main(cfg)
     assert res.step == 4 and cfg.diffusion.target_std == d["target_std"]
+    assert sum(r.endswith("latest.pt") for r in reads) == 1  # the resumed run reads its checkpoint once
     # pinned statistics are used as given
     pinned = load_config(ExpGenTrainConfig, DEMO / "expgen.yaml",
                          [*args, f"diffusion.target_mean={[0.0] * 53}", f"diffusion.target_std={[2.0] * 53}"])

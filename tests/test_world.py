@@ -11,17 +11,11 @@ import pytest
 from PIL import Image
 
 from ofer.data.occlusion import OcclusionConfig
-from ofer.data.world import (
-    FaceRenderer,
-    HeadPrior,
-    SceneConfig,
-    WorldConfig,
-    build_world,
-    kps_from_landmarks68,
-    main,
-    save_npz_deterministic,
-)
 from ofer.errors import ConfigError, OferError
+from ofer.preprocess import preprocess_folder
+from ofer.world.build import WorldConfig, build_world, main, save_npz_deterministic
+from ofer.world.prior import HeadPrior
+from ofer.world.scene import FaceRenderer, SceneConfig, kps_from_landmarks68
 
 TINY = dict(identities=3, images_per_identity=2, expression_frames=2, images_per_frame=2, test_identities=2,
             vertices=1200, scene=SceneConfig(size=96))
@@ -102,6 +96,27 @@ def test_layout_and_every_referenced_file_exists(world):
     assert len(tr | va) == 3
     for f in ("generic_model.pkl", "landmark_embedding.npy", "FLAME_masks.pkl"):
         assert (world / "flame" / f).is_file()
+
+
+def test_crops_are_what_preprocessing_makes_of_the_renders(world, tmp_path):
+    # python -m ofer.preprocess --channel-order rgb on the renders and their keypoint sidecars
+    # (the sidecars round the keypoints to 1/1000 pixel, so the blobs agree closely, not exactly)
+    src = tmp_path / "renders"
+    for kps in sorted((world / "renders" / "WORLDID").rglob("*.kps.txt")):
+        stem = kps.name[: -len(".kps.txt")]
+        rel = kps.parent.relative_to(world / "renders" / "WORLDID")
+        (src / rel).mkdir(parents=True, exist_ok=True)
+        for name in (f"{stem}.png", kps.name):
+            (src / rel / name).write_bytes((kps.parent / name).read_bytes())
+    res = preprocess_folder(src, tmp_path / "pre", channel_order="rgb", progress=False)
+    assert not res["failed"] and len(res["done"]) == 3 * 2
+    for rel in res["done"]:
+        stem = rel[: -len(".png")]
+        ours = world / "WORLDID" / "arcface_input" / stem
+        pre = tmp_path / "pre" / stem
+        np.testing.assert_allclose(np.load(f"{pre}.npy"), np.load(f"{ours}.npy"), atol=0.02)
+        with Image.open(f"{pre}.jpg") as a, Image.open(f"{ours}.jpg") as b:
+            assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).mean() < 1.0
 
 
 def test_params_follow_the_mica_convention(world):

@@ -30,6 +30,7 @@ from typing import Any, Literal, Optional, Sequence, TypeVar, Union
 import yaml
 
 from .errors import AssetError, ConfigError
+from .io import atomic_write_bytes
 
 T = TypeVar("T")
 
@@ -297,7 +298,6 @@ def _deep_update(base: dict, new: dict, cls: type, prefix: str) -> None:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from .io import atomic_write_bytes
 
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
@@ -588,6 +588,7 @@ class IdGenValConfig(ValConfig):
 
 def _common_validate(cfg: Any) -> None:
     check_key(bool(cfg.run_dir), "run_dir", "must not be empty")
+    check_key(not (cfg.resume and cfg.overwrite), "overwrite", "cannot be combined with resume=true")
 
 
 @dataclass
@@ -598,6 +599,8 @@ class IdGenTrainConfig:
     run_dir: str = "runs/idgen"
     seed: int = 0
     resume: bool = False
+    #: start afresh in a run_dir that holds a run (its checkpoints are replaced)
+    overwrite: bool = False
     n_shape: int = 300
     flame: FlameConfig = field(default_factory=FlameConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -627,6 +630,7 @@ class ExpGenTrainConfig:
     run_dir: str = "runs/expgen"
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False
     n_exp: int = 50
     #: factor applied to *sampled* jaw poses at inference (stored in the model config;
     #: 0.5 in the released pipeline). Training targets are always the raw jaw axis-angle.
@@ -689,6 +693,7 @@ class IdRankTrainConfig:
     run_dir: str = "runs/idrank"
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False
     idgen_checkpoint: str = "checkpoints/idgen.pt"
     idgen_use_ema: bool = True
     num_samples: int = 100

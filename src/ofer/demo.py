@@ -1,15 +1,17 @@
 """The out-of-the-box demo (``make demo``): the whole system on the synthetic world.
 
 1. build a synthetic world (procedural FLAME-format heads, CPU renders, occluders) in the
-   training layout;
-2. train small IdGen, ExpGen and IdRank models with the real training scripts and the
-   configs in ``configs/demo/``;
-3. run ``sample.py`` on the world's held-out test renders (each scene clean, with a random
-   occluder and with a face mask);
-4. write previews and a report with the learning evidence (``ofer.eval.world``).
+   training layout (``python -m ofer.world``);
+2. train small IdGen, ExpGen and IdRank models with the real trainers (``python -m ofer.train``)
+   and the demo configs shipped with the package (``ofer/world/configs/*.yaml``);
+3. sample the world's held-out test renders (``python -m ofer.sample``, what ``sample.py``
+   runs; each scene clean, with a random occluder and with a face mask);
+4. write previews and a report with the learning evidence (``ofer.world.report``).
 
 Every step is cached: a re-run skips what is complete (the world, each finished training
-run, every sampled image) and only recomputes the report.
+run, every sampled image) and only recomputes the report. Each step runs the installed
+package as a module and reads only the package's own configs, so the demo needs no checkout;
+a relative ``--root`` is taken from the current directory.
 
     python -m ofer.demo [--root runs/demo] [--fresh]
 """
@@ -17,18 +19,25 @@ run, every sampled image) and only recomputes the report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+from .io import write_json, write_text
+from .world.report import format_report, world_report
 
-REPO = Path(__file__).resolve().parents[2]
+__all__ = ["main", "config_file", "CONFIG_KINDS"]
+
+#: The demo configs, ``<kind>.yaml`` in the ``configs`` folder of this package (package data).
+CONFIG_PACKAGE, CONFIG_FOLDER = "ofer.world", "configs"
+CONFIG_KINDS = ("idgen", "expgen", "idrank", "sample")
 
 #: World of the demo. Many identities with few small renders each: the tiny encoders are trained
 #: from scratch and must generalise to held-out identities (300 identities did not suffice for a
@@ -52,6 +61,13 @@ WORLD_ARGS = ["--images-per-identity", "2", "--expression-frames", "1",
 #: 2-core development machine). The world builder fixes its own (one per process).
 TRAIN_THREADS, SAMPLE_THREADS = 1, 2
 
+def config_file(kind: str) -> Any:
+    """The packaged demo config of ``kind`` (one of :data:`CONFIG_KINDS`), an
+    ``importlib.resources`` traversable (``resources.as_file`` gives a path for a subprocess)."""
+    if kind not in CONFIG_KINDS:
+        raise ValueError(f"no demo config {kind!r}; the demo configs are {', '.join(CONFIG_KINDS)}")
+    return resources.files(CONFIG_PACKAGE) / CONFIG_FOLDER / f"{kind}.yaml"
+
 
 def _thread_env(threads: int) -> dict[str, str]:
     """The environment with ``threads`` torch intra-op threads for a child process.
@@ -68,20 +84,30 @@ def _thread_env(threads: int) -> dict[str, str]:
 def _run(cmd: list[str], what: str, threads: int | None = None) -> None:
     print(f"[demo] {what}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, env=_thread_env(threads) if threads else None)
+    r = subprocess.run(cmd, env=_thread_env(threads) if threads else None)
     if r.returncode != 0:
         raise SystemExit(f"[demo] {what} failed (exit {r.returncode})")
     print(f"[demo] {what} took {time.perf_counter() - t0:.1f} s", flush=True)
 
 
-def _train_cmd(kind: str, script: str, root: Path) -> list[str]:
-    return [sys.executable, script, "--config", f"configs/demo/{kind}.yaml", f"data_root={root / 'world'}",
+def _world_cmd(world: Path, identities: int, test_scenes: int) -> list[str]:
+    return [sys.executable, "-m", "ofer.world", "--output", str(world), "--identities", str(identities),
+            "--test-identities", str(test_scenes), *WORLD_ARGS]
+
+
+def _train_cmd(kind: str, config: Path, root: Path) -> list[str]:
+    return [sys.executable, "-m", "ofer.train", kind, "--config", str(config), f"data_root={root / 'world'}",
             f"run_dir={root / kind}", "resume=true"]
 
 
-def _train(jobs: list[tuple[str, str] | tuple[str, str, str]], root: Path, threads: int | None = None,
+def _sample_cmd(root: Path, config: Path) -> list[str]:
+    return [sys.executable, "-m", "ofer.sample", "--input", str(root / "world" / "test" / "images"),
+            "--output", str(root / "samples"), "--config", str(config), f"data_root={root}"]
+
+
+def _train(jobs: list[tuple[str, Path] | tuple[str, Path, str]], root: Path, threads: int | None = None,
            nice: dict[str, int] | None = None) -> None:
-    """Train the given ``(kind, script[, after])`` runs side by side (each skipped when done).
+    """Train the given ``(kind, config[, after])`` runs side by side (each skipped when done).
 
     A run with ``after`` starts once that run has finished (IdRank needs the IdGen
     checkpoint); the others start at once. ``threads``: torch threads per run
@@ -97,7 +123,7 @@ def _train(jobs: list[tuple[str, str] | tuple[str, str, str]], root: Path, threa
     failed: list[str] = []
     while waiting or running:
         for job in list(waiting):
-            kind, script, after = job
+            kind, config, after = job
             if after is not None and after not in finished:
                 continue
             waiting.remove(job)
@@ -105,12 +131,12 @@ def _train(jobs: list[tuple[str, str] | tuple[str, str, str]], root: Path, threa
                 print(f"[demo] {kind}: trained before ({root / kind}), skipped")
                 finished.add(kind)
                 continue
-            cmd = _train_cmd(kind, script, root)
+            cmd = _train_cmd(kind, config, root)
             log = open(root / f"{kind}.log", "ab")
             print(f"[demo] training {kind}: {' '.join(cmd[1:])} (log: {root / f'{kind}.log'})", flush=True)
             inc = (nice or {}).get(kind, 0)
             pre = (lambda inc=inc: os.nice(inc)) if inc and hasattr(os, "nice") else None
-            running.append((kind, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            running.append((kind, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                    preexec_fn=pre), log))
         for item in list(running):
             kind, p, log = item
@@ -144,13 +170,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-scenes", type=int, default=TEST_SCENES,
                     help=f"held-out test scenes, each rendered in 3 variants (default {TEST_SCENES})")
     args = ap.parse_args(argv)
-    root = (REPO / args.root).resolve() if not Path(args.root).is_absolute() else Path(args.root)
+    root = Path(args.root).expanduser().resolve()  # a relative root is taken from the current directory
     if args.fresh and root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    py = sys.executable
+    with contextlib.ExitStack() as stack:
+        configs = {k: stack.enter_context(resources.as_file(config_file(k))) for k in CONFIG_KINDS}
+        samples = _steps(args, root, configs)
 
+    rep = world_report(samples, root / "world")
+    rep["environment"] = _environment()
+    text = format_report(rep)
+    write_json(root / "report.json", rep)
+    write_text(root / "report.md", text)
+    _contact_sheet(samples, root / "previews.png")
+    print(text)
+    print(f"[demo] report: {root / 'report.md'}; previews: {root / 'previews.png'} and "
+          f"{samples}/<image>/preview.png; total {time.perf_counter() - t_start:.1f} s")
+    return 0
+
+
+def _steps(args: argparse.Namespace, root: Path, configs: dict[str, Path]) -> Path:
+    """World, training and sampling (each skipped when done); returns the samples folder."""
     world = root / "world"
     if (world / "world.json").is_file():
         built = json.loads((world / "world.json").read_text())["config"]
@@ -160,31 +202,15 @@ def main(argv: list[str] | None = None) -> int:
                              f"{args.test_scenes}: add --fresh, or choose another --root")
         print(f"[demo] world: built before ({world}), skipped")
     else:
-        _run([py, "-m", "ofer.data.world", "--output", str(world), "--identities", str(args.identities),
-              "--test-identities", str(args.test_scenes), *WORLD_ARGS], "building the synthetic world")
+        _run(_world_cmd(world, args.identities, args.test_scenes), "building the synthetic world")
 
     # IdRank samples the trained IdGen, so it starts when IdGen is done, while ExpGen still runs.
     # ExpGen (1200 steps and a loader worker) is the longest: IdGen and IdRank yield to it.
-    _train([("idgen", "trainIdGen.py"), ("expgen", "trainExpGen.py"), ("idrank", "trainIdRank.py", "idgen")],
+    _train([("idgen", configs["idgen"]), ("expgen", configs["expgen"]), ("idrank", configs["idrank"], "idgen")],
            root, threads=TRAIN_THREADS, nice={"idgen": 10, "idrank": 10})
 
-    samples = root / "samples"
-    _run([py, "sample.py", "--input", str(world / "test" / "images"), "--output", str(samples),
-          "--config", "configs/demo/sample.yaml", f"data_root={root}"], "sampling the held-out test images",
-         threads=SAMPLE_THREADS)
-
-    from .eval.world import format_report, world_report
-
-    rep = world_report(samples, world)
-    rep["environment"] = _environment()
-    text = format_report(rep)
-    (root / "report.json").write_text(json.dumps(rep, indent=1))
-    (root / "report.md").write_text(text)
-    _contact_sheet(samples, root / "previews.png")
-    print(text)
-    print(f"[demo] report: {root / 'report.md'}; previews: {root / 'previews.png'} and "
-          f"{samples}/<image>/preview.png; total {time.perf_counter() - t_start:.1f} s")
-    return 0
+    _run(_sample_cmd(root, configs["sample"]), "sampling the held-out test images", threads=SAMPLE_THREADS)
+    return root / "samples"
 
 
 def _environment() -> dict[str, Any]:

@@ -20,14 +20,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .data.images import iter_images, prepare_face
+from .data.images import CROP_JPEG_QUALITY, crop_file_paths, iter_images, prepare_face, write_face_crops
 from .errors import ImageError, OferError
 from .io import atomic_write_bytes
 
@@ -37,8 +36,7 @@ __all__ = ["main", "preprocess_folder", "output_paths"]
 def output_paths(image: Path, input_root: Path, output_root: Path) -> tuple[Path, Path]:
     """``(<out>/<rel>/<stem>.npy, <out>/<rel>/<stem>.jpg)`` for an input image."""
     rel = image.relative_to(input_root) if input_root.is_dir() else Path(image.name)
-    base = output_root / rel.parent / rel.stem
-    return base.with_name(base.name + ".npy"), base.with_name(base.name + ".jpg")
+    return crop_file_paths(output_root / rel.parent / rel.stem)
 
 
 class _LazyDetector:
@@ -81,7 +79,7 @@ def preprocess_folder(
     channel_order: str = "bgr",
     antialias: bool = True,
     overwrite: bool = False,
-    jpeg_quality: int = 95,
+    jpeg_quality: int = CROP_JPEG_QUALITY,
     progress: bool = True,
 ) -> dict:
     """Preprocess every image under ``input_dir``; see the module docstring.
@@ -93,7 +91,6 @@ def preprocess_folder(
     Returns:
         ``{"done": [...], "skipped": [...], "failed": [(relpath, reason), ...]}``.
     """
-    from PIL import Image
     from tqdm import tqdm
 
     input_root = Path(input_dir)
@@ -118,10 +115,7 @@ def preprocess_folder(
         try:
             face = prepare_face(image, detector if detector is not None else lazy, aligned=aligned, use_sidecar=use_sidecar,
                                 channel_order=channel_order, antialias=antialias)
-            buf = io.BytesIO()
-            Image.fromarray(face.farl_crop).save(buf, format="JPEG", quality=jpeg_quality)
-            atomic_write_bytes(jpg_path, lambda f: f.write(buf.getvalue()))
-            atomic_write_bytes(npy_path, lambda f: np.save(f, face.arcface.astype(np.float32)))
+            write_face_crops(face, npy_path.with_suffix(""), jpeg_quality=jpeg_quality)
             result["done"].append(rel.as_posix())
         except ImageError as exc:
             result["failed"].append((rel.as_posix(), str(exc).replace(str(image), rel.as_posix())))
@@ -166,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-antialias", action="store_true",
                    help="plain bilinear sampling even when shrinking a large face (as OpenCV)")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
-    p.add_argument("--jpeg-quality", type=int, default=95, help="quality of the 224 crop JPEG (default 95)")
+    p.add_argument("--jpeg-quality", type=int, default=CROP_JPEG_QUALITY, help="quality of the 224 crop JPEG (default 95)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import AssetError, OferError
+from ..geometry import umeyama as _similarity_fit
 
 __all__ = [
     "ARCFACE_TEMPLATE",
@@ -82,7 +83,9 @@ INSIGHTFACE_URLS = {
 # Similarity transforms
 # --------------------------------------------------------------------------------------
 def umeyama(src: np.ndarray, dst: np.ndarray, estimate_scale: bool = True) -> np.ndarray:
-    """Least-squares similarity ``dst ~ s R src + t`` (Umeyama 1991), without reflection.
+    """Least-squares similarity ``dst ~ s R src + t`` without reflection, as a matrix.
+
+    A thin wrapper of :func:`ofer.geometry.umeyama` (Umeyama 1991) in homogeneous form.
 
     Args:
         src: ``(N, D)`` source points.
@@ -91,38 +94,18 @@ def umeyama(src: np.ndarray, dst: np.ndarray, estimate_scale: bool = True) -> np
 
     Returns:
         ``(D + 1, D + 1)`` float64 homogeneous matrix mapping src to dst. Degenerate input
-        (all source points equal) gives a matrix of NaNs, as scikit-image does.
+        (all source points, or all destination points, at one place) gives a matrix of NaNs.
     """
+    s, R, t = _similarity_fit(src, dst, with_scale=estimate_scale)
     src = np.asarray(src, dtype=np.float64)
     dst = np.asarray(dst, dtype=np.float64)
-    if src.shape != dst.shape or src.ndim != 2:
-        raise ValueError(f"umeyama needs two (N, D) arrays of the same shape, got {src.shape} and {dst.shape}")
-    n, dim = src.shape
-    src_mean, dst_mean = src.mean(0), dst.mean(0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    a = dst_c.T @ src_c / n
-    d = np.ones(dim)
-    if np.linalg.det(a) < 0:
-        d[-1] = -1.0
-    t = np.eye(dim + 1)
-    u, s, vt = np.linalg.svd(a)
-    rank = np.linalg.matrix_rank(a)
-    if rank == 0:
+    dim = src.shape[1]
+    if np.all(src == src[:1]) or np.all(dst == dst[:1]):
         return np.full((dim + 1, dim + 1), np.nan)
-    if rank == dim - 1:
-        if np.linalg.det(u) * np.linalg.det(vt) > 0:
-            t[:dim, :dim] = u @ vt
-        else:
-            sd = d[-1]
-            d[-1] = -1.0
-            t[:dim, :dim] = u @ np.diag(d) @ vt
-            d[-1] = sd
-    else:
-        t[:dim, :dim] = u @ np.diag(d) @ vt
-    scale = 1.0 / src_c.var(0).sum() * (s @ d) if estimate_scale else 1.0
-    t[:dim, dim] = dst_mean - scale * (t[:dim, :dim] @ src_mean)
-    t[:dim, :dim] *= scale
-    return t
+    m = np.eye(dim + 1)
+    m[:dim, :dim] = s * R
+    m[:dim, dim] = t
+    return m
 
 
 def estimate_norm(kps: np.ndarray, image_size: int = 112) -> np.ndarray:

@@ -61,6 +61,8 @@ from PIL import Image
 
 from ..errors import AssetError
 from ..flame.assets import read_npy_pickle
+from .occlusion import ARCFACE_TEMPLATE, OcclusionConfig, VALID_KINDS, occlude_with_info
+from .align import CANONICAL_BOX, farl_crop_matrix, transform_points, warp_affine
 
 __all__ = [
     "IndexEntry",
@@ -311,14 +313,11 @@ class SyntheticOccluder:
     """
 
     def __init__(self, area: Sequence[float], kinds: Optional[Sequence[str]] = None) -> None:
-        from .occlusion import VALID_KINDS, OcclusionConfig
-
         self.config = OcclusionConfig(prob=1.0, area=(float(area[0]), float(area[1])),
                                       kinds=tuple(kinds) if kinds else VALID_KINDS)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator,
                  kps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from .occlusion import occlude_with_info
 
         u8 = np.clip(np.rint(image.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
         res = occlude_with_info(u8, rng, self.config, kps=kps, force=True)
@@ -339,8 +338,6 @@ def build_occluder(prob: float, area: Sequence[float]) -> Optional[Occluder]:
 # are the FaRL box crop around the face (the canonical box of ofer.data.align, exact for
 # upright faces aligned from keypoints).
 def _crop_frames() -> dict[str, np.ndarray]:
-    from .align import CANONICAL_BOX, farl_crop_matrix
-
     return {"aligned": np.array([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]),
             "aligned_avg": np.array([[2.0, 0.0, 0.5], [0.0, 2.0, 0.5]]),
             "box": farl_crop_matrix(CANONICAL_BOX, 224)}
@@ -351,8 +348,6 @@ def _inverse_affine(m: np.ndarray) -> np.ndarray:
 
 
 def _crop_to_112(img_hwc: np.ndarray, m: np.ndarray) -> np.ndarray:
-    from .align import warp_affine
-
     return warp_affine(img_hwc.astype(np.float32), _inverse_affine(m), 112)
 
 
@@ -464,8 +459,6 @@ class FaceDataset(torch.utils.data.Dataset):
             mask = np.zeros((224, 224), np.float32)
             if self.occluder is not None and rng.uniform() < self.occlusion_prob:
                 m, bgr = self._frame(entry, rgb, blob)
-                from .align import transform_points
-                from .occlusion import ARCFACE_TEMPLATE
 
                 rgb, mask = self.occluder(rgb, rng, transform_points(m, ARCFACE_TEMPLATE))
                 blob = _occlude_blob(blob, rgb, mask, m, bgr)

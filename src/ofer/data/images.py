@@ -24,10 +24,15 @@ Keypoint sources, in order:
 
 Without a detector box (cases 1-3), the face box for the FaRL crop is
 :func:`ofer.data.align.box_from_kps`.
+
+:func:`write_face_crops` writes a prepared face as the two files of the ``arcface_input``
+layout that the datasets read, ``<stem>.jpg`` (224 crop) and ``<stem>.npy`` (ArcFace input);
+the preprocessing step and the synthetic world both write through it.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterator
@@ -58,6 +63,9 @@ __all__ = [
     "iter_images",
     "prepare_face",
     "prepare_face_array",
+    "CROP_JPEG_QUALITY",
+    "crop_file_paths",
+    "write_face_crops",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -401,3 +409,55 @@ def prepare_face(
     )
     face.path = p
     return face
+
+
+# --------------------------------------------------------------------------------------
+# Writing the crop files
+# --------------------------------------------------------------------------------------
+
+#: JPEG quality of the written 224 crops.
+CROP_JPEG_QUALITY = 95
+
+
+def crop_file_paths(base: str | os.PathLike) -> tuple[Path, Path]:
+    """``(<base>.npy, <base>.jpg)``: the ArcFace input and the 224 crop of one image.
+
+    ``base`` is the output path without extension (``<out>/<rel>/<stem>``); the suffixes are
+    appended, so a stem with dots keeps them.
+    """
+    base = Path(base)
+    return base.with_name(base.name + ".npy"), base.with_name(base.name + ".jpg")
+
+
+def write_face_crops(
+    face: PreparedFace,
+    base: str | os.PathLike,
+    *,
+    jpeg_quality: int = CROP_JPEG_QUALITY,
+    atomic: bool = True,
+) -> tuple[Path, Path]:
+    """Write the crop files of ``face``; returns ``(npy path, jpg path)`` (:func:`crop_file_paths`).
+
+    ``<base>.jpg``: the 224 crop, RGB JPEG of ``jpeg_quality``; ``<base>.npy``: the ArcFace
+    input as float32 (``np.save``; channels in ``face.channel_order``). The crop is written
+    first. Folders are created. ``atomic``: each file goes through a temp file that is renamed,
+    so an interrupted run leaves no torn file; ``False`` writes in place (for a folder that is
+    renamed into place once complete).
+    """
+    from PIL import Image
+
+    npy_path, jpg_path = crop_file_paths(base)
+    jpg = io.BytesIO()
+    Image.fromarray(face.farl_crop).save(jpg, format="JPEG", quality=int(jpeg_quality))
+    npy = io.BytesIO()
+    np.save(npy, np.asarray(face.arcface, dtype=np.float32))
+    for path, buf in ((jpg_path, jpg), (npy_path, npy)):
+        data = buf.getvalue()
+        if atomic:
+            from ..io import atomic_write_bytes
+
+            atomic_write_bytes(path, lambda f, data=data: f.write(data))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+    return npy_path, jpg_path

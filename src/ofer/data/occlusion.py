@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import ConfigError
+from .align import box_from_kps, farl_crop_matrix, transform_points
 
 __all__ = [
     "VALID_KINDS",
@@ -516,7 +517,6 @@ def crop_kps(size: int = 224, crop: str = "farl") -> np.ndarray:
         return default_kps(size, size)
     if crop != "farl":
         raise ValueError(f"crop must be 'farl' or 'arcface', got {crop!r}")
-    from .align import box_from_kps, farl_crop_matrix, transform_points
 
     m = farl_crop_matrix(box_from_kps(ARCFACE_TEMPLATE), size)
     return transform_points(m, ARCFACE_TEMPLATE)

@@ -10,7 +10,7 @@ independent streams. :func:`row_generators` seeds row ``(i, k)`` from
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -121,3 +121,29 @@ class RowNoise:
         out = self._chunk[self._pos]
         self._pos += 1
         return out
+
+
+class GivenNoise:
+    """Per-step noise supplied by the caller: a ``(K, rows, dim)`` tensor (step ``k`` takes
+    ``noise[k]``) or a callable ``k -> (rows, dim)``; ``k`` counts the sampler's stochastic
+    steps from 0 (DDPM: one per step but the last; DDIM with ``eta > 0``: one per step).
+
+    It stands in for :class:`RowNoise` so that a reference run's draws can be replayed.
+    """
+
+    def __init__(self, noise: Tensor | Callable[[int], Tensor], rows: int, dim: int,
+                 device: torch.device | str) -> None:
+        self.noise, self.shape, self.device, self.k = noise, (rows, dim), torch.device(device), 0
+
+    def next(self) -> Tensor:
+        k, self.k = self.k, self.k + 1
+        if callable(self.noise):
+            z = self.noise(k)
+        else:
+            if k >= len(self.noise):
+                raise ValueError(f"the given noise has {len(self.noise)} steps; the sampler needs more")
+            z = self.noise[k]
+        z = torch.as_tensor(z)
+        if tuple(z.shape) != self.shape:
+            raise ValueError(f"noise for step {k} must have shape {self.shape}, got {tuple(z.shape)}")
+        return z.to(self.device, torch.float32)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .noise import GeneratorLike, RowNoise
+from .noise import GeneratorLike, GivenNoise, RowNoise
 from .schedule import NoiseSchedule
 
 __all__ = ["sample", "METHODS", "DEFAULT_STEPS", "timesteps", "legacy_ddim"]
@@ -94,6 +94,7 @@ def sample(
     *,
     eta: float = 0.0,
     param_dim: int | None = None,
+    noise: Tensor | Callable[[int], Tensor] | None = None,
 ) -> Tensor:
     """Draw one sample per row of ``cond``.
 
@@ -109,6 +110,9 @@ def sample(
             independent, recommended) or None (non-deterministic).
         eta: DDIM stochasticity (``ddim`` only).
         param_dim: D; taken from ``x_T`` or ``denoiser.param_dim`` when None.
+        noise: the per-step noise instead of draws from ``generator``: ``(K, R, D)`` or a
+            callable ``k -> (R, D)`` (:class:`~ofer.diffusion.noise.GivenNoise`); with
+            ``x_T`` it makes every method a pure function of the inputs (to replay a run).
 
     Returns:
         (R, D) samples: float32, or float64 for ``legacy_ddim``.
@@ -124,12 +128,13 @@ def sample(
     if param_dim is None:
         raise ValueError("cannot infer the sample width: pass x_T or param_dim")
     device = cond.device
-    noise = RowNoise(rows, int(param_dim), generator, device)
+    drawn = RowNoise(rows, int(param_dim), generator, device)
     if x_T is None:
-        x_T = noise.initial()
+        x_T = drawn.initial()
     elif x_T.shape != (rows, param_dim):
         raise ValueError(f"x_T must have shape ({rows}, {param_dim}), got {tuple(x_T.shape)}")
     x_T = x_T.to(device)
+    noise = drawn if noise is None else GivenNoise(noise, rows, int(param_dim), device)
     T = schedule.num_steps
     denoiser = _Prepared(denoiser, cond)
 

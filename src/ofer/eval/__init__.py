@@ -6,6 +6,5 @@ Modules (import them directly; nothing heavy is imported here):
   NoW's landmark Procrustes and the scan-to-mesh dogleg refinement;
 * :mod:`ofer.eval.now` — the NoW evaluator (``python -m ofer.eval.now``);
 * :mod:`ofer.eval.now_submission` — NoW submission writer / checker;
-* :mod:`ofer.eval.co545` — CO-545-style accuracy and diversity (``python -m ofer.eval.co545``);
-* :mod:`ofer.eval.synthetic` — synthetic heads, landmarks and scans for tests and benchmarks.
+* :mod:`ofer.eval.co545` — CO-545-style accuracy and diversity (``python -m ofer.eval.co545``).
 """

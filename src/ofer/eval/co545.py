@@ -36,6 +36,8 @@ import numpy as np
 
 from ..errors import OferError
 from .geometry import MeshDistance, read_mesh, umeyama
+from ..flame import FLAME
+from ..io import atomic_write_bytes
 
 __all__ = ["Co545Error", "co545_metrics", "aggregate", "evaluate_co545", "main", "METRIC_KEYS"]
 
@@ -347,8 +349,6 @@ def _jsonable(r: dict) -> dict:
 
 
 def _write(out: Path, rows: list[dict], summary: dict) -> None:
-    from ..io import atomic_write_bytes
-
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["image", *METRIC_KEYS], lineterminator="\n")
@@ -384,8 +384,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         flame = None
         if a.flame:
-            from ..flame import FLAME
-
             flame = FLAME(a.flame)
         faces = read_mesh(a.faces)[1] if a.faces else None
         s = evaluate_co545(a.pred, a.gt, a.out, a.unit, a.pred_key, flame, _index_file(a.region, "region"),

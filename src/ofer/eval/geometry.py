@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OferError
+from ..geometry import umeyama
 
 __all__ = [
     "MeshError",
@@ -337,69 +338,30 @@ def point_mesh_distance(points: np.ndarray, V: np.ndarray, F: np.ndarray) -> np.
 
 
 def closest_point_on_triangle(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Closest point on triangle ``abc`` to each point ``p`` (Ericson's Voronoi-region test).
+    """Closest point on triangle ``abc`` to each point ``p``.
+
+    ``p`` is projected onto the triangle's plane, in the coordinates ``(s, t)`` of
+    ``a + s (b - a) + t (c - a)`` (the normal equations of that least-squares fit). When
+    ``s, t >= 0`` and ``s + t <= 1`` the projection lies in the triangle and is the answer;
+    otherwise the closest point is on the boundary: the nearest of the three edges' closest
+    points. A degenerate (zero-area) triangle has no plane and is all boundary.
 
     Vectorised over leading dimensions: ``p, a, b, c`` broadcast to ``(..., 3)`` float64.
-    Degenerate triangles are handled by falling back to the closest of the three edges.
     """
     p, a, b, c = np.broadcast_arrays(*(np.asarray(x, dtype=np.float64) for x in (p, a, b, c)))
-    out = np.empty(p.shape, dtype=np.float64)
-    done = np.zeros(p.shape[:-1], dtype=bool)
-
-    def dot(x, y):
-        return np.sum(x * y, axis=-1)
-
-    ab = b - a
-    ac = c - a
-    ap = p - a
-    d1, d2 = dot(ab, ap), dot(ac, ap)
-    m = (d1 <= 0) & (d2 <= 0)  # vertex region A
-    out[m] = a[m]
-    done |= m
-    bp = p - b
-    d3, d4 = dot(ab, bp), dot(ac, bp)
-    m = ~done & (d3 >= 0) & (d4 <= d3)  # vertex region B
-    out[m] = b[m]
-    done |= m
-    vc = d1 * d4 - d3 * d2
-    m = ~done & (vc <= 0) & (d1 >= 0) & (d3 <= 0)  # edge AB
+    e1, e2, r = b - a, c - a, p - a
+    g11, g12, g22 = (np.einsum("...i,...i->...", x, y) for x, y in ((e1, e1), (e1, e2), (e2, e2)))
+    h1, h2 = np.einsum("...i,...i->...", e1, r), np.einsum("...i,...i->...", e2, r)
+    det = g11 * g22 - g12 * g12
     with np.errstate(divide="ignore", invalid="ignore"):
-        v = d1 / (d1 - d3)
-    out[m] = a[m] + v[m, None] * ab[m]
-    done |= m
-    cp = p - c
-    d5, d6 = dot(ab, cp), dot(ac, cp)
-    m = ~done & (d6 >= 0) & (d5 <= d6)  # vertex region C
-    out[m] = c[m]
-    done |= m
-    vb = d5 * d2 - d1 * d6
-    m = ~done & (vb <= 0) & (d2 >= 0) & (d6 <= 0)  # edge AC
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w = d2 / (d2 - d6)
-    out[m] = a[m] + w[m, None] * ac[m]
-    done |= m
-    va = d3 * d6 - d5 * d4
-    m = ~done & (va <= 0) & ((d4 - d3) >= 0) & ((d5 - d6) >= 0)  # edge BC
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w = (d4 - d3) / ((d4 - d3) + (d5 - d6))
-    out[m] = b[m] + w[m, None] * (c[m] - b[m])
-    done |= m
-    # interior (face region)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        denom = 1.0 / (va + vb + vc)
-        v = vb * denom
-        w = vc * denom
-    interior = a + v[..., None] * ab + w[..., None] * ac
-    m = ~done
-    out[m] = interior[m]
-    # degenerate triangles (zero area): closest point on the three segments
-    bad = ~np.all(np.isfinite(out), axis=-1)
-    if np.any(bad):
-        cands = [_closest_on_segment(p[bad], x[bad], y[bad]) for x, y in ((a, b), (b, c), (c, a))]
-        dists = np.stack([np.sum((p[bad] - q) ** 2, axis=-1) for q in cands])
-        k = np.argmin(dists, axis=0)
-        out[bad] = np.stack(cands)[k, np.arange(len(k))]
-    return out
+        s = (g22 * h1 - g12 * h2) / det
+        t = (g11 * h2 - g12 * h1) / det
+        inside = (det > 1e-12 * g11 * g22) & (s >= 0) & (t >= 0) & (s + t <= 1)
+    edges = np.stack([_closest_on_segment(p, x, y) for x, y in ((a, b), (b, c), (c, a))])
+    nearest = np.argmin(np.sum((edges - p) ** 2, axis=-1), axis=0)
+    out = np.take_along_axis(edges, nearest[None, ..., None], axis=0)[0]
+    proj = a + np.where(inside, s, 0.0)[..., None] * e1 + np.where(inside, t, 0.0)[..., None] * e2
+    return np.where(inside[..., None], proj, out)
 
 
 def _closest_on_segment(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -452,8 +414,22 @@ class ProcrustesResult:
         return bool(np.linalg.det(self.rotation.astype(np.float64)) < 0)
 
 
+def _unit_centred(P: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centroid, Frobenius size of the centred set, and the centred set scaled to size 1."""
+    centroid = P.mean(axis=0)
+    centred = P - centroid
+    size = np.sqrt(np.sum(centred * centred))
+    return centroid, size, centred / size
+
+
 def procrustes_now(X: np.ndarray, Y: np.ndarray) -> ProcrustesResult:
     """NoW's landmark Procrustes (``scaling=True, reflection='best'``), reproduced exactly.
+
+    Both landmark sets are centred and scaled to unit Frobenius size, ``x̂ = (X − μ_X)/‖X − μ_X‖``
+    and likewise ``ŷ``. With the SVD ``x̂ᵀ ŷ = U diag(σ) Vᵀ`` the best orthogonal map of ``ŷ``
+    onto ``x̂`` is ``T = V Uᵀ`` (row form ``ŷ @ T``) with correlation ``Σσ``; undoing the
+    normalisation gives ``scale = Σσ · ‖X − μ_X‖ / ‖Y − μ_Y‖``,
+    ``translation = μ_X − scale · μ_Y @ T`` and ``disparity = 1 − (Σσ)²``.
 
     The computation runs in ``np.result_type(X, Y)`` (float32 for NoW's float32 ``.pp``
     landmarks and float32 predicted landmarks, including the SVD) and applies **no**
@@ -462,58 +438,17 @@ def procrustes_now(X: np.ndarray, Y: np.ndarray) -> ProcrustesResult:
     Args:
         X: ``(n, 3)`` target (ground-truth) landmarks. Y: ``(n, 3)`` source (predicted).
     """
-    X = np.asarray(X)
-    Y = np.asarray(Y)
-    dt = np.result_type(X, Y)
+    dt = np.result_type(np.asarray(X), np.asarray(Y))
     if not np.issubdtype(dt, np.floating):
         dt = np.float64
-    X = X.astype(dt, copy=True)
-    Y = Y.astype(dt, copy=True)
-    muX = X.mean(0)
-    muY = Y.mean(0)
-    X0 = X - muX
-    Y0 = Y - muY
-    normX = np.sqrt((X0 ** 2.0).sum())
-    normY = np.sqrt((Y0 ** 2.0).sum())
-    X0 /= normX
-    Y0 /= normY
-    A = np.dot(X0.T, Y0)
-    U, s, Vt = np.linalg.svd(A, full_matrices=False)
-    T = np.dot(Vt.T, U.T)
-    traceTA = s.sum()
-    b = traceTA * normX / normY
-    d = 1 - traceTA ** 2
-    c = muX - b * np.dot(muY, T)
-    return ProcrustesResult(rotation=T, scale=b, translation=c, disparity=float(d))
-
-
-def umeyama(src: np.ndarray, dst: np.ndarray, with_scale: bool = True,
-            weights: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray]:
-    """Least-squares proper similarity (no reflection) mapping ``src -> dst``, float64.
-
-    Returns ``(s, R, t)`` with ``dst ≈ s * src @ R.T + t``; ``R`` has det +1.
-    """
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    w = np.ones(len(src)) if weights is None else np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    mu_s = w @ src
-    mu_d = w @ dst
-    s0 = src - mu_s
-    d0 = dst - mu_d
-    cov = (d0 * w[:, None]).T @ s0
-    U, S, Vt = np.linalg.svd(cov)
-    D = np.eye(3)
-    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
-        D[2, 2] = -1
-    R = U @ D @ Vt
-    if with_scale:
-        var_s = np.sum(w * np.sum(s0 ** 2, axis=1))
-        s = float(np.trace(np.diag(S) @ D) / var_s) if var_s > 0 else 1.0
-    else:
-        s = 1.0
-    t = mu_d - s * mu_s @ R.T
-    return s, R, t
+    mu_x, size_x, x_hat = _unit_centred(np.asarray(X, dtype=dt))
+    mu_y, size_y, y_hat = _unit_centred(np.asarray(Y, dtype=dt))
+    U, sigma, Vt = np.linalg.svd(x_hat.T @ y_hat)
+    T = Vt.T @ U.T  # V Uᵀ: orthogonal, reflections allowed
+    corr = sigma.sum()
+    scale = corr * size_x / size_y
+    translation = mu_x - scale * (mu_y @ T)
+    return ProcrustesResult(rotation=T, scale=scale, translation=translation, disparity=float(1 - corr ** 2))
 
 
 # ----------------------------------------------------------------------------------------

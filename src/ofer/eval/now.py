@@ -36,6 +36,7 @@ import numpy as np
 from ..errors import OferError
 from .geometry import (MeshError, ProcrustesResult, RefineResult, MeshDistance, procrustes_now,
                        read_mesh, refine_similarity_dogleg, validate_mesh)
+from ..io import atomic_write_bytes, write_mesh
 
 __all__ = [
     "CHALLENGES",
@@ -144,23 +145,24 @@ def load_landmarks(path: str | os.PathLike) -> np.ndarray:
 def compute_crop(scan_lmk: np.ndarray) -> tuple[np.ndarray, float]:
     """NoW face crop from the 7 scan landmarks: ``(centre (3,), radius)`` in scan units (mm).
 
-    ``centre = nose_bottom + 0.3 (nose_bridge − nose_bottom)``, ``nose_bridge`` the midpoint of
-    the inner eye corners; ``radius = 1.4 (‖outer_R − outer_L‖ + ‖nose_bridge − nose_bottom‖) / 2``.
+    The sphere sits on the nose: with the bridge ``b`` (midpoint of the inner eye corners) and
+    the nose bottom ``n``, ``centre = n + 0.3 (b − n)`` and
+    ``radius = 1.4 (‖outer_R − outer_L‖ + ‖b − n‖) / 2``. Computed in float64 whatever the
+    landmark dtype (``.pp`` landmarks are float32).
     """
-    L = np.asarray(scan_lmk)
-    nose_bottom = np.array(L[4])
-    nose_bridge = (np.array(L[1]) + np.array(L[2])) / 2
-    centre = nose_bottom + 0.3 * (nose_bridge - nose_bottom)
-    outer_eye = np.linalg.norm(np.array(L[0]) - np.array(L[3]))
-    nose = np.linalg.norm(nose_bridge - nose_bottom)
-    return centre, float(1.4 * (outer_eye + nose) / 2)
+    L = np.asarray(scan_lmk, dtype=np.float64)
+    nose = L[4]
+    nose_to_bridge = 0.5 * (L[1] + L[2]) - nose
+    eye_span = np.linalg.norm(L[3] - L[0])
+    centre = nose + 0.3 * nose_to_bridge
+    return centre, float(1.4 * (eye_span + np.linalg.norm(nose_to_bridge)) / 2)
 
 
 def crop_scan(scan_v: np.ndarray, scan_lmk: np.ndarray) -> np.ndarray:
-    """Indices ``(K,) int64`` of the scan vertices kept by the NoW crop (``dist <= radius``)."""
+    """Indices ``(K,) int64`` of the scan vertices kept by the NoW crop (``dist <= radius``, float64)."""
     centre, radius = compute_crop(scan_lmk)
-    d = np.linalg.norm(np.asarray(scan_v) - centre, axis=1)
-    return np.where(d <= radius)[0]
+    dist = np.linalg.norm(np.asarray(scan_v, dtype=np.float64) - centre, axis=1)
+    return np.flatnonzero(dist <= radius).astype(np.int64)
 
 
 @dataclass
@@ -283,7 +285,6 @@ def save_cumulative_plot(path: str | os.PathLike, curves: dict[str, tuple[np.nda
         dr.line([(left + pw - 150, top + 12 + 16 * k), (left + pw - 125, top + 12 + 16 * k)], fill=col, width=2)
         dr.text((left + pw - 120, top + 6 + 16 * k), label, fill="black")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    from ..io import atomic_write_bytes
 
     atomic_write_bytes(path, lambda f: img.save(f, format="PNG"))
 
@@ -357,8 +358,6 @@ def _evaluate_subject(args) -> list[dict]:
         ev = evaluate_scan(scan_v, scan_lmk, pv, pf, lmk, metrical=metrical, unit=unit, crop_ids=ids,
                            name=str(lmk_path))
         if check_dir is not None:
-            from ..io import write_mesh
-
             d = Path(check_dir) / e.subject / e.challenge / e.filename
             write_mesh(d / "predicted_aligned.obj", ev.aligned_vertices, pf, unit="mm", source_unit="mm")
             write_mesh(d / "gt_scan_cropped.obj", scan_v[ids], None, unit="mm", source_unit="mm")
@@ -494,7 +493,6 @@ def evaluate_now(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike | None =
 def _write_outputs(out: Path, method: str, challenge: str, results: list[dict], summary: dict) -> None:
     import io
 
-    from ..io import atomic_write_bytes
 
     arrays = [r["distances"] for r in results]
     suffix = "distances" if not challenge else f"distances_{challenge}"

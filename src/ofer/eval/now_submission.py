@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import OferError
 from ..io import write_landmarks, write_mesh
 from .now import NowError, parse_image_list
+from ..flame import FLAME
 
 __all__ = ["neutral_meshes_mm", "write_now_prediction", "load_shape_coeffs", "find_sample_file",
            "write_submission", "check_submission", "main"]
@@ -219,8 +220,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         if a.cmd == "write":
-            from ..flame import FLAME
-
             flame = FLAME(a.flame, a.landmark_embedding, n_shape=a.n_shape, n_exp=100)
             res = write_submission(a.samples, a.images, a.out, flame, a.format, a.key)
             print(f"wrote {res['written']} predictions to {a.out}; {len(res['missing'])} images had no sample file")

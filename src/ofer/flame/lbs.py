@@ -1,16 +1,16 @@
 """Linear blend skinning for FLAME, as pure functions.
 
-The operations and their order follow the SMPL/FLAME reference implementation used by
-DECA, MICA and OFER (shape blend, joint regression, Rodrigues with the ``+1e-8`` norm
-trick, pose blend shapes from ``R - I`` of the non-root joints, the rigid kinematic chain,
-skinning), so results agree with those codebases to float rounding. All poses are
-axis-angle vectors.
+A FLAME mesh is posed in four steps: the shape and expression blend shapes give the rest
+shape; the joints are regressed from that rest shape; pose correctives, linear in the
+entries of ``R_j - I`` for every joint but the root, are added; and each vertex is moved
+by the skinning-weighted blend of the joints' rigid transforms along the kinematic chain.
+Poses are axis-angle vectors. The numerics (including the ``1e-8`` offset in the
+Rodrigues angle) agree with the FLAME layers of DECA, MICA and OFER to float rounding.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "batch_rodrigues",
@@ -23,49 +23,60 @@ __all__ = [
 ]
 
 
+def _cross_matrix(v: torch.Tensor) -> torch.Tensor:
+    """``(N, 3)`` vectors -> ``(N, 3, 3)`` matrices ``[v]x`` with ``[v]x u = v x u``."""
+    x, y, z = v.unbind(dim=-1)
+    o = torch.zeros_like(x)
+    rows = (torch.stack([o, -z, y], dim=-1), torch.stack([z, o, -x], dim=-1), torch.stack([-y, x, o], dim=-1))
+    return torch.stack(rows, dim=-2)
+
+
 def batch_rodrigues(rot_vecs: torch.Tensor) -> torch.Tensor:
-    """Axis-angle vectors to rotation matrices.
+    """Axis-angle vectors to rotation matrices, ``R = I + sin(a) K + (1 - cos(a)) K^2``.
 
     Args:
         rot_vecs: (N, 3) axis-angle vectors (radians).
 
     Returns:
-        (N, 3, 3) rotation matrices. As in the reference code, the angle is
-        ``||rvec + 1e-8||``, so a zero vector gives exactly the identity and the
-        gradient at zero is finite.
+        (N, 3, 3) rotation matrices. ``K`` is the cross-product matrix of the unit axis
+        ``r / a``. The angle ``a`` is measured on ``r + 1e-8`` (every component), so it never
+        vanishes: the axis is finite everywhere, a zero vector gives exactly the identity,
+        and the gradient at zero is finite.
     """
-    n = rot_vecs.shape[0]
-    dtype, device = rot_vecs.dtype, rot_vecs.device
-    angle = torch.norm(rot_vecs + 1e-8, dim=1, keepdim=True)
-    rot_dir = rot_vecs / angle
-    cos = torch.unsqueeze(torch.cos(angle), dim=1)
-    sin = torch.unsqueeze(torch.sin(angle), dim=1)
-    rx, ry, rz = torch.split(rot_dir, 1, dim=1)
-    zeros = torch.zeros((n, 1), dtype=dtype, device=device)
-    K = torch.cat([zeros, -rz, ry, rz, zeros, -rx, -ry, rx, zeros], dim=1).view(n, 3, 3)
-    ident = torch.eye(3, dtype=dtype, device=device).unsqueeze(0)
-    return ident + sin * K + (1 - cos) * torch.bmm(K, K)
+    angle = (rot_vecs + 1e-8).norm(dim=1, keepdim=True)  # (N, 1)
+    K = _cross_matrix(rot_vecs / angle)
+    sin_a = angle.sin().unsqueeze(-1)
+    versin_a = (1 - angle.cos()).unsqueeze(-1)
+    eye = torch.eye(3, dtype=rot_vecs.dtype, device=rot_vecs.device)
+    return eye + sin_a * K + versin_a * torch.matmul(K, K)
 
 
 def blend_shapes(betas: torch.Tensor, shape_disps: torch.Tensor) -> torch.Tensor:
     """Linear blend shapes: (B, L) coefficients x (V, 3, L) basis -> (B, V, 3) offsets."""
-    return torch.einsum("bl,mkl->bmk", betas, shape_disps)
+    return torch.einsum("vcl,bl->bvc", shape_disps, betas)
 
 
 def vertices2joints(J_regressor: torch.Tensor, vertices: torch.Tensor) -> torch.Tensor:
     """Regress joints: (J, V) regressor x (B, V, 3) vertices -> (B, J, 3)."""
-    return torch.einsum("bik,ji->bjk", vertices, J_regressor)
+    return torch.einsum("bvc,jv->bjc", vertices, J_regressor)
 
 
-def _transform_mat(R: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """(N, 3, 3) rotations and (N, 3, 1) translations -> (N, 4, 4) rigid transforms."""
-    return torch.cat([F.pad(R, [0, 0, 0, 1]), F.pad(t, [0, 0, 0, 1], value=1)], dim=2)
+def _rigid(rotation: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
+    """``(..., 3, 3)`` rotations and ``(..., 3)`` translations -> ``(..., 4, 4)`` homogeneous transforms."""
+    upper = torch.cat([rotation, translation.unsqueeze(-1)], dim=-1)  # (..., 3, 4)
+    last_row = torch.zeros_like(upper[..., :1, :])
+    last_row[..., 0, 3] = 1
+    return torch.cat([upper, last_row], dim=-2)
 
 
 def batch_rigid_transform(
     rot_mats: torch.Tensor, joints: torch.Tensor, parents: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the kinematic chain.
+    """Pose the kinematic chain.
+
+    Joint ``j`` turns by ``rot_mats[:, j]`` about its rest location; its world transform is
+    its parent's world transform composed with the local one, ``W_j = W_p [R_j | x_j - x_p]``
+    (the root: ``[R_0 | x_0]``).
 
     Args:
         rot_mats: (B, J, 3, 3) local joint rotations.
@@ -73,22 +84,20 @@ def batch_rigid_transform(
         parents: (J,) int64 parent indices, ``parents[0] == -1``; parents precede children.
 
     Returns:
-        posed_joints (B, J, 3) and rel_transforms (B, J, 4, 4): the world transform of
-        each joint with the rest-pose joint location removed, ready for skinning.
+        posed_joints (B, J, 3), the translations of ``W_j``, and skinning transforms
+        (B, J, 4, 4): ``W_j`` acting about the rest joint, ``x -> R_w (x - x_j) + t_w``, which is
+        what moves a rest-pose vertex rigidly with joint ``j``.
     """
-    joints = torch.unsqueeze(joints, dim=-1)
-    rel_joints = joints.clone()
-    rel_joints[:, 1:] -= joints[:, parents[1:]]
-    transforms_mat = _transform_mat(rot_mats.reshape(-1, 3, 3), rel_joints.reshape(-1, 3, 1))
-    transforms_mat = transforms_mat.reshape(-1, joints.shape[1], 4, 4)
-    chain = [transforms_mat[:, 0]]
-    for i in range(1, parents.shape[0]):
-        chain.append(torch.matmul(chain[int(parents[i])], transforms_mat[:, i]))
-    transforms = torch.stack(chain, dim=1)
-    posed_joints = transforms[:, :, :3, 3]
-    joints_homogen = F.pad(joints, [0, 0, 0, 1])
-    rel_transforms = transforms - F.pad(torch.matmul(transforms, joints_homogen), [3, 0, 0, 0, 0, 0, 0, 0])
-    return posed_joints, rel_transforms
+    world: list[torch.Tensor] = []
+    for j, p in enumerate(parents.tolist()):
+        if p < 0:
+            world.append(_rigid(rot_mats[:, j], joints[:, j]))
+        else:
+            world.append(torch.matmul(world[p], _rigid(rot_mats[:, j], joints[:, j] - joints[:, p])))
+    world_tf = torch.stack(world, dim=1)  # (B, J, 4, 4)
+    world_rot, posed_joints = world_tf[..., :3, :3], world_tf[..., :3, 3]
+    about_rest = posed_joints - torch.matmul(world_rot, joints.unsqueeze(-1)).squeeze(-1)
+    return posed_joints, _rigid(world_rot, about_rest)
 
 
 def lbs(
@@ -116,32 +125,23 @@ def lbs(
     Returns:
         vertices (B, V, 3) and posed joints (B, J, 3).
     """
-    batch_size = betas.shape[0]
-    device, dtype = betas.device, betas.dtype
-    if v_template.dim() == 2:
-        v_template = v_template.unsqueeze(0).expand(batch_size, -1, -1)
+    n_batch = betas.shape[0]
+    rest = v_template if v_template.dim() == 3 else v_template.unsqueeze(0)
 
-    # 1. shape (identity + expression) blend shapes
-    v_shaped = v_template + blend_shapes(betas, shapedirs)
-    # 2. joints of the shaped mesh
-    J = vertices2joints(J_regressor, v_shaped)
-    # 3. pose blend shapes from (R - I) of the non-root joints
-    ident = torch.eye(3, dtype=dtype, device=device)
-    rot_mats = batch_rodrigues(full_pose.reshape(-1, 3)).view(batch_size, -1, 3, 3)
-    pose_feature = (rot_mats[:, 1:, :, :] - ident).view(batch_size, -1)
-    pose_offsets = torch.matmul(pose_feature, posedirs).view(batch_size, -1, 3)
-    v_posed = pose_offsets + v_shaped
-    # 4. rigid kinematic chain
-    J_transformed, A = batch_rigid_transform(rot_mats, J, parents)
-    # 5. skinning
-    num_joints = J_regressor.shape[0]
-    W = lbs_weights.unsqueeze(0).expand(batch_size, -1, -1)
-    T = torch.matmul(W, A.view(batch_size, num_joints, 16)).view(batch_size, -1, 4, 4)
-    ones = torch.ones([batch_size, v_posed.shape[1], 1], dtype=dtype, device=device)
-    v_posed_homo = torch.cat([v_posed, ones], dim=2)
-    v_homo = torch.matmul(T, torch.unsqueeze(v_posed_homo, dim=-1))
-    verts = v_homo[:, :, :3, 0]
-    return verts, J_transformed
+    # identity and expression: the rest shape of this face
+    shaped = rest + blend_shapes(betas, shapedirs)
+    # pose correctives, linear in R_j - I of every non-root joint (9 entries each, row-major)
+    rotations = batch_rodrigues(full_pose.reshape(-1, 3)).reshape(n_batch, -1, 3, 3)
+    eye = torch.eye(3, dtype=rotations.dtype, device=rotations.device)
+    pose_feature = (rotations[:, 1:] - eye).flatten(start_dim=1)
+    corrected = shaped + torch.matmul(pose_feature, posedirs).reshape(n_batch, -1, 3)
+    # joints come from the shaped mesh, before any pose-dependent change
+    rest_joints = vertices2joints(J_regressor, shaped)
+    posed_joints, joint_tf = batch_rigid_transform(rotations, rest_joints, parents)
+    # each vertex moves by its own weighted blend of the joints' (3, 4) transforms
+    vertex_tf = torch.einsum("vj,bjmn->bvmn", lbs_weights, joint_tf[..., :3, :])  # (B, V, 3, 4)
+    moved = torch.matmul(vertex_tf[..., :3], corrected.unsqueeze(-1)).squeeze(-1) + vertex_tf[..., 3]
+    return moved, posed_joints
 
 
 def vertices2landmarks(

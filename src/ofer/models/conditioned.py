@@ -46,7 +46,7 @@ class ConditionedModel(nn.Module):
         super().__init__()
         self.spec = get_spec(getattr(head, "kind", None), ValueError)
         if self.spec.uses_farl != (farl is not None):
-            raise ValueError(f"a {self.spec.kind} model {'needs' if self.spec.uses_farl else 'has no'} "
+            raise ValueError(f"the {self.spec.kind} condition {'needs a' if self.spec.uses_farl else 'has no'} "
                              "FaRL encoder")
         self.farl = farl
         self.arcface = arcface

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -240,6 +240,7 @@ class ConditionalDiffusion(nn.Module):
         x_T: Tensor | None = None,
         image_indices: Sequence[int] | None = None,
         eta: float = 0.0,
+        noise: Tensor | Callable[[int], Tensor] | None = None,
     ) -> Tensor:
         """Draw ``n`` hypotheses per condition in one batched loop of ``B * n`` rows.
 
@@ -254,6 +255,8 @@ class ConditionalDiffusion(nn.Module):
             x_T: (B, n, D) or (B * n, D) initial noise (then no seed is needed for
                 deterministic methods); with ``normalize`` it lives in the standardised space.
             image_indices: global index of each image (default ``0..B-1``).
+            noise: per-step noise of the stochastic samplers, ``(K, B * n, D)`` or a callable
+                ``k -> (B * n, D)`` (:func:`ofer.diffusion.sample`); with ``x_T`` a run is replayed.
 
         Returns:
             (B, n, D) float32 (raw coefficients: ``normalize`` is undone).
@@ -274,7 +277,7 @@ class ConditionalDiffusion(nn.Module):
             raise ValueError("legacy_ddim samples the released epsilon models only; "
                              f"this head predicts {self.prediction}")
         out = sample(self.eps_denoiser(), rows, self.var_sched, method, steps=steps, x_T=x_T,
-                     generator=gens, eta=eta, param_dim=self.param_dim)
+                     generator=gens, eta=eta, param_dim=self.param_dim, noise=noise)
         out = out.float().reshape(b, n, self.param_dim)
         if self.normalize is not None:
             out = out * self.param_std.to(out) + self.param_mean.to(out)

@@ -11,11 +11,11 @@ from ..diffusion.samplers import METHODS
 __all__ = ["SampleConfig", "FlameSection", "CheckpointSection", "DetectorSection", "UncertaintySection",
            "EXPORTS", "PRESETS"]
 
-#: Sampler settings of the presets: (idgen method, idgen steps, expgen method, expgen steps).
+#: Sampler (method, steps) of each generator under each preset.
 PRESETS = {
-    "fast": ("dpmpp_2m", 20, "dpmpp_2m", 20),
+    "fast": {"idgen": ("dpmpp_2m", 20), "expgen": ("dpmpp_2m", 20)},
     # the released pipeline: strided legacy DDIM (251 evaluations) and ancestral DDPM (1000)
-    "faithful": ("legacy_ddim", None, "ddpm", 1000),
+    "faithful": {"idgen": ("legacy_ddim", None), "expgen": ("ddpm", 1000)},
 }
 
 
@@ -122,10 +122,11 @@ class SampleConfig:
 
     # resolved settings -------------------------------------------------------------
     def sampler(self, which: str) -> tuple[str, Optional[int]]:
-        idm, ids, exm, exs = PRESETS[self.preset]
-        if which == "idgen":
-            return self.idgen_sampler or idm, self.idgen_steps if self.idgen_steps is not None else ids
-        return self.expgen_sampler or exm, self.expgen_steps if self.expgen_steps is not None else exs
+        """(method, steps) of the generator ``which`` (``"idgen"`` / ``"expgen"``): the preset's,
+        overridden by ``<which>_sampler`` / ``<which>_steps``."""
+        method, steps = PRESETS[self.preset][which]
+        given = getattr(self, f"{which}_steps")
+        return getattr(self, f"{which}_sampler") or method, steps if given is None else given
 
     @property
     def batch1_quirk(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import yaml
 
 from ..config import asset_file, resolve_path
 from ..errors import AssetError, CheckpointError
@@ -22,6 +23,9 @@ from ..models.conditioned import ConditionedModel, build_model, load_rank_vertic
 from ..models.loading import load_model, load_trained_model
 from ..models.spec import get_spec
 from ..weights import find_weights
+from ..data.datasets import FaceDataset, check_index, load_index, load_params
+from ..flame import FLAME
+from .loop import latest_checkpoint
 
 __all__ = [
     "build_datasets",
@@ -50,7 +54,6 @@ def target_stats(dataset: Any, kind: str, n_coeffs: int) -> tuple[list[float], l
     Returns:
         ``(mean, std)``: two lists of floats (float64 statistics).
     """
-    from ..data.datasets import load_params
 
     spec = get_spec(kind, ValueError)
     if not spec.generative:
@@ -68,21 +71,35 @@ def target_stats(dataset: Any, kind: str, n_coeffs: int) -> tuple[list[float], l
     return x.mean(axis=0).tolist(), std.tolist()
 
 
+def _saved_config(run_dir: Path, ck: Path) -> dict:
+    """The configuration a run was last started with: its ``config.yaml`` (written at every
+    start, the config its checkpoints hold), else the checkpoint's (read whole)."""
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        try:
+            saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+            if isinstance(saved, dict):
+                return saved
+        except (yaml.YAMLError, UnicodeDecodeError):
+            pass
+    return read_checkpoint(ck).get("config") or {}
+
+
 def fill_target_stats(cfg: Any, kind: str, train_set: Any) -> None:
     """With ``diffusion.normalize``, fill ``diffusion.target_mean`` / ``target_std`` in place.
 
     Pinned values in the config are kept. On ``resume`` the statistics come from the run's
-    latest checkpoint (the weights were trained with them), else from ``train_set``
+    saved configuration (the weights were trained with them; the checkpoint itself is read by
+    the training loop alone), else from ``train_set``
     (:func:`target_stats`).
     """
     d = cfg.diffusion
     if not d.normalize or (d.target_mean is not None and d.target_std is not None):
         return
-    from .loop import latest_checkpoint
 
     ck = latest_checkpoint(cfg.run_dir) if cfg.resume else None
     if ck is not None:
-        saved = (read_checkpoint(ck).get("config") or {}).get("diffusion") or {}
+        saved = _saved_config(Path(cfg.run_dir), ck).get("diffusion") or {}
         if saved.get("target_mean") is not None and saved.get("target_std") is not None:
             d.target_mean, d.target_std = list(saved["target_mean"]), list(saved["target_std"])
             return
@@ -118,7 +135,6 @@ def load_val_ranker(cfg: Any) -> Optional[ConditionedModel]:
 
 def build_flame(cfg: Any):
     """(vertices_fn, faces) from ``flame.*``; vertices_fn(shape_coeffs=, exp_coeffs=, jaw_pose=) -> (B,V,3) m."""
-    from ..flame import FLAME
 
     path = asset_file(cfg, "flame.model_path", cfg.flame.model_path)
     lmk = asset_file(cfg, "flame.landmark_embedding_path", cfg.flame.landmark_embedding_path)
@@ -143,7 +159,6 @@ def build_datasets(cfg: Any, kind: str, *, load_farl: Optional[bool] = None, val
     the model prepares them for its encoder); ``val_farl`` adds them to the held-out set alone
     (IdGen validation with an IdRank, whose condition includes FaRL).
     """
-    from ..data.datasets import FaceDataset, check_index, load_index
 
     spec = get_spec(kind)
     load_farl = spec.uses_farl if load_farl is None else load_farl

@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 
 from ..config import load_config
 from ..errors import OferError
+from .build import dry_run
 
 __all__ = ["parse_cli", "run_cli"]
 
@@ -29,8 +30,6 @@ def run_cli(kind: str, schema: type, main: Callable[[Any], Any], argv: Sequence[
     try:
         cfg, dry = parse_cli(schema, argv, prog)
         if dry:
-            from .build import dry_run
-
             for line in dry_run(kind, cfg):
                 print(line)
             return 0

@@ -13,6 +13,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
+from ..errors import CheckpointError
 
 __all__ = ["EMA"]
 
@@ -63,8 +64,6 @@ class EMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.shadow) - set(state)
         if missing:
-            from ..errors import CheckpointError
-
             raise CheckpointError(f"EMA state lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
         for k in self.shadow:
             self.shadow[k].copy_(state[k])

@@ -38,6 +38,7 @@ from ..errors import CheckpointError, ConfigError, OferError
 from ..models.checkpoint import read_checkpoint, save_checkpoint
 from ..device import DistInfo, all_reduce_mean, any_flag, barrier, init_distributed
 from .ema import EMA
+from ..data.datasets import StreamBatchSampler
 
 __all__ = [
     "TrainTask",
@@ -135,6 +136,14 @@ def flatten_views(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _all_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every parameter is finite (one fused reduction per dtype and device)."""
+    if not params:
+        return True
+    norms = torch._foreach_norm([p.detach() for p in params], 1)
+    return bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms]).sum()))
+
+
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     p = Path(run_dir) / "checkpoints" / "latest.pt"
     return p if p.is_file() else None
@@ -228,8 +237,25 @@ class _TrainingRun:
         self.writer: Any = None
         self.bar: Any = None
 
+    def _claim_run_dir(self) -> None:
+        """Refuse to start afresh over an existing run unless told (``resume`` / ``overwrite``)."""
+        cfg = self.cfg
+        old = sorted(self.ckpt_dir.glob("*.pt")) if self.ckpt_dir.is_dir() else []
+        if not old or cfg.resume:
+            return
+        if not cfg.overwrite:
+            raise ConfigError(f"config key 'run_dir': {self.run_dir} already holds a run "
+                              f"({', '.join(p.name for p in old)}); continue it with resume=true or "
+                              "start afresh with overwrite=true")
+        if self.dist.is_main:
+            for p in old:
+                p.unlink()
+            log.info("overwrite=true: removed %s from %s", ", ".join(p.name for p in old), self.ckpt_dir)
+        barrier()
+
     def run(self) -> TrainResult:
         """All stages: optimiser, resume, EMA, DDP, logging, data, the step loop, teardown."""
+        self._claim_run_dir()
         self._build_optimizer()
         resumed = self._resume()
         self._place_ema(fresh=not resumed)
@@ -328,7 +354,6 @@ class _TrainingRun:
 
     def _make_loader(self) -> torch.utils.data.DataLoader:
         """This rank's batch stream, starting at the current step."""
-        from ..data.datasets import StreamBatchSampler
 
         cfg, dist = self.cfg, self.dist
         sampler = StreamBatchSampler(len(self.train_set), self.local_batch, seed=cfg.seed,
@@ -381,18 +406,17 @@ class _TrainingRun:
             loss, stats = self.loss_module(batch, gen)
         loss = loss.float()
         if cfg.train.nan_guard and any_flag(not bool(torch.isfinite(loss)), device):
-            raise TrainingDiverged(
-                f"non-finite loss at step {step} ({loss.item()}); stopped, the last good "
-                f"checkpoint is {self.ckpt_dir / 'latest.pt'}")
+            raise TrainingDiverged(f"non-finite loss at step {step} ({loss.item()}); {self._last_good()}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip) if self.params else torch.zeros(())
         if cfg.train.nan_guard and any_flag(not bool(torch.isfinite(gnorm)), device):
-            raise TrainingDiverged(
-                f"non-finite gradient norm at step {step}; stopped, the last good checkpoint "
-                f"is {self.ckpt_dir / 'latest.pt'}")
+            raise TrainingDiverged(f"non-finite gradient norm at step {step}; {self._last_good()}")
         self.opt.step()
+        if cfg.train.nan_guard and any_flag(not _all_finite(self.params), device):
+            raise TrainingDiverged(f"non-finite weights after the update of step {step} (learning rate "
+                                   f"{max(g['lr'] for g in self.opt.param_groups):g}); {self._last_good()}")
         self.step = step = step + 1
         if self.ema is not None:
             self.ema.update(self.model, decay=0.0 if step <= cfg.ema.start_step else None)
@@ -465,6 +489,13 @@ class _TrainingRun:
             self.best = metric
             self.result.best_metric = metric
             self._save("best.pt")
+
+    def _last_good(self) -> str:
+        """The end of a divergence message: which checkpoint still holds finite weights."""
+        latest = latest_checkpoint(self.run_dir)
+        if latest is None:
+            return "stopped before any checkpoint was written"
+        return f"stopped, the last good checkpoint is {latest}"
 
     def _save(self, path_name: str) -> None:
         """Checkpoint ``ckpt_dir/path_name`` (atomic) with everything exact resume needs."""

@@ -9,7 +9,7 @@ Reads ``sample.py`` outputs for the world's held-out test images and their groun
   (all shape coefficients zero);
 * how the error grows with occlusion: paired, on the renders of one scene with and without
   an occluder (the world writes every test scene ``clean``, ``occluded`` and ``mouth``, see
-  :data:`ofer.data.world.TEST_VARIANTS`), and as the Spearman correlation of the occluded
+  :data:`ofer.world.build.TEST_VARIANTS`), and as the Spearman correlation of the occluded
   share of the face and the ranked error over all images. The check reads the average
   error over the N sampled identities (what IdGen's posterior loses); the ranked identity's
   difference, reported beside it, adds the noise of one pick among N;
@@ -22,7 +22,7 @@ dozen scenes show an effect that the same number of unrelated images would hide.
 holds when its paired effect is positive and a one-sided randomisation test of it gives
 p < :data:`ALPHA` (:func:`paired_test`): a margin that sampling noise could give does not pass.
 
-``python -m ofer.eval.world --samples DIR --world DIR [--output report.json]``
+``python -m ofer.world.report --samples DIR --world DIR [--output report.json]``
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def world_report(samples_dir: str | Path, world_dir: str | Path, device: str = "
     gt_dir = world_dir / "test" / "gt"
     flame_dir = world_dir / "flame"
     if not gt_dir.is_dir():
-        raise OferError(f"no world ground truth at {gt_dir}: build one with python -m ofer.data.world")
+        raise OferError(f"no world ground truth at {gt_dir}: build one with python -m ofer.world")
     masks = safe_load_pickle(flame_dir / "FLAME_masks.pkl")
     face, lips = np.asarray(masks["face"]), np.asarray(masks["lips"])
     flame = None
@@ -269,9 +269,9 @@ def format_report(rep: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ofer.eval.world", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m ofer.world.report", description=__doc__.splitlines()[0])
     ap.add_argument("--samples", required=True, help="sample.py output folder for <world>/test/images")
-    ap.add_argument("--world", required=True, help="world folder (python -m ofer.data.world)")
+    ap.add_argument("--world", required=True, help="world folder (python -m ofer.world)")
     ap.add_argument("--output", default=None, help="write the JSON report here (and a .md next to it)")
     args = ap.parse_args(argv)
     try:

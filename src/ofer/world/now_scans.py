@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..eval.geometry import rodrigues
 from ..io import write_mesh
-from .geometry import rodrigues
 
 __all__ = ["head_mesh", "head_landmarks", "sample_surface", "make_scan", "write_pp", "write_now_dataset"]
 
@@ -56,7 +56,7 @@ def head_landmarks(V: np.ndarray, F: np.ndarray) -> np.ndarray:
 
     R-eye outer, R-eye inner, L-eye inner, L-eye outer, nose bottom, R-mouth, L-mouth.
     """
-    from .geometry import MeshDistance
+    from ..eval.geometry import MeshDistance
 
     # (theta, phi) of the landmark directions; subject's right = -x = negative phi
     ang = np.array([[1.25, -0.55], [1.25, -0.18], [1.25, 0.18], [1.25, 0.55],
