@@ -103,7 +103,7 @@ def _frame_box(vertices: np.ndarray, landmarks: Optional[np.ndarray] = None) -> 
 
 
 def _render_cells(meshes: np.ndarray, faces: np.ndarray, colors: np.ndarray, size: int,
-                  landmarks: Optional[np.ndarray] = None, supersample: int = 2) -> list[np.ndarray]:
+                  landmarks: Optional[np.ndarray] = None, supersample: int = 1) -> list[np.ndarray]:
     """Render (n, V, 3) meshes with (n, V, 3) float colours, one camera framed on the first."""
     from ..render import Camera, render
 
