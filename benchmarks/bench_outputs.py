@@ -24,7 +24,7 @@ import torch
 from ofer.flame import FLAME
 from ofer.sample.config import SampleConfig
 from ofer.sample.reconstructor import ImageResult
-from ofer.sample.run import write_image_outputs
+from ofer.sample.runner import write_image_outputs
 from ofer.uncertainty import select_far_apart, summarize, vertex_spread
 from ofer.world.head import write_synthetic_flame
 

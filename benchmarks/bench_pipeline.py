@@ -29,7 +29,7 @@ from ofer.models import ExpGen, IdGen, IdRank  # noqa: E402
 from ofer.nets import FaRLEncoder, IResNet  # noqa: E402
 from ofer.sample.reconstructor import STAGES, Reconstructor  # noqa: E402
 from ofer.sample import SampleConfig  # noqa: E402
-from ofer.sample.run import write_image_outputs  # noqa: E402
+from ofer.sample.runner import write_image_outputs  # noqa: E402
 from ofer.models import ConditionedModel  # noqa: E402
 
 

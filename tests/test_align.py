@@ -1,8 +1,6 @@
-"""5-point alignment, warping, crops, centre-face selection and detector discovery."""
+"""5-point alignment, warping, crops and which detected face is used."""
 
 from __future__ import annotations
-
-import builtins
 
 import numpy as np
 import pytest
@@ -16,13 +14,11 @@ from ofer.data.align import (
     farl_crop,
     farl_crop_matrix,
     norm_crop,
-    resolve_detector_dir,
     select_center_face,
     transform_points,
     umeyama,
     warp_affine,
 )
-from ofer.errors import AssetError, OferError
 
 
 def _similarity(scale, angle, tx, ty):
@@ -180,31 +176,22 @@ def test_select_center_face_uses_x_and_y_correctly():
         select_center_face(np.zeros((0, 5)), (10, 10))
 
 
-def test_resolve_detector_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path / "home"))
-    with pytest.raises(AssetError) as ei:
-        resolve_detector_dir(None, "antelopev2")
-    msg = str(ei.value)
-    assert "\n" not in msg and "antelopev2.zip" in msg and str(tmp_path / "home" / "models" / "antelopev2") in msg
-    nested = tmp_path / "home" / "models" / "antelopev2" / "antelopev2"
-    nested.mkdir(parents=True)
-    (nested / "scrfd_10g_bnkps.onnx").write_bytes(b"x")
-    assert resolve_detector_dir(None, "antelopev2") == nested / "scrfd_10g_bnkps.onnx"
-    own = tmp_path / "buffalo"
-    own.mkdir()
-    (own / "det_10g.onnx").write_bytes(b"x")
-    assert resolve_detector_dir(own) == own / "det_10g.onnx"
+def test_choose_faces_center_largest_all():
+    from ofer.data.align import choose_faces
 
-
-def test_scrfd_detector_without_insightface(tmp_path, monkeypatch):
-    (tmp_path / "scrfd_10g_bnkps.onnx").write_bytes(b"x")
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name.startswith("insightface"):
-            raise ImportError("No module named 'insightface'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(OferError, match=r"optional extra 'detect'.*ofer\[detect\]"):
-        align.SCRFDDetector(tmp_path)
+    shape = (400, 600, 3)  # centre (300, 200)
+    boxes = np.array([
+        [10, 10, 210, 250, 0.99],    # 0: the largest, far from the centre
+        [280, 180, 320, 220, 0.95],  # 1: tiny, exactly at the centre (side 40 < 0.5 * 219)
+        [330, 150, 450, 290, 0.80],  # 2: reasonable size, nearest the centre among those
+        [480, 10, 580, 110, 0.70],   # 3: side 100 < 0.5 * 219
+    ])
+    assert choose_faces(boxes, shape, "center") == [2]
+    assert choose_faces(boxes, shape, "center", min_relative_size=0.0) == [1]
+    assert choose_faces(boxes, shape, "center", min_relative_size=1.0) == [0]
+    assert choose_faces(boxes, shape, "largest") == [0]
+    assert choose_faces(boxes, shape, "all") == [0, 1, 2, 3]  # left to right
+    assert choose_faces(boxes[[3, 1, 0]], shape, "all") == [2, 1, 0]
+    assert choose_faces(np.zeros((0, 5)), shape, "center") == []
+    with pytest.raises(ValueError, match="which must be one of"):
+        choose_faces(boxes, shape, "first")

@@ -262,3 +262,31 @@ def test_iter_images_sorted_and_filtered(tmp_path):
         f.write_bytes(b"")
     got = [q.relative_to(tmp_path).as_posix() for q in iter_images(tmp_path, exclude=tmp_path / "out")]
     assert got == ["c.webp", "a/1.png", "b/2.JPG"] or got == ["a/1.png", "b/2.JPG", "c.webp"]
+
+
+def test_multi_face_sidecar_round_trip(tmp_path):
+    from ofer.data.images import prepare_faces, read_sidecar_faces, write_sidecar_kps
+
+    w, h = 640, 360
+    left = transform_points(_similarity(1.0, 0.0, 40.0, 100.0), ARCFACE_TEMPLATE)
+    right = transform_points(_similarity(1.5, 0.1, 420.0, 80.0), ARCFACE_TEMPLATE)
+    centre = transform_points(_similarity(1.2, 0.0, 250.0, 90.0), ARCFACE_TEMPLATE)
+    p = tmp_path / "group.png"
+    Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(p)
+    side = write_sidecar_kps(p, np.stack([right, left, centre]), comment="three faces\nby hand")
+    assert side == tmp_path / "group.kps.txt" and side.read_text().startswith("# three faces\n# by hand\n")
+    np.testing.assert_allclose(read_sidecar_faces(p), np.stack([right, left, centre]), atol=0.005)
+    with pytest.raises(ImageError, match="holds 3 faces, expected one"):
+        read_sidecar_kps(p)
+    faces = prepare_faces(p)  # every face, left to right
+    assert [f.face_index for f in faces] == [0, 1, 2] and all(f.n_faces == 3 for f in faces)
+    for f, ref in zip(faces, (left, centre, right)):
+        np.testing.assert_allclose(f.kps, ref, atol=0.005)
+        assert f.source == "sidecar" and f.detector is None
+    np.testing.assert_allclose(prepare_face(p).kps, centre, atol=0.005)
+    np.testing.assert_allclose(prepare_face(p, which="largest").kps, right, atol=0.005)
+    with pytest.raises(ValueError, match="for one face"):
+        prepare_face(p, which="all")
+    side.write_text("1 2\n" * 7)
+    with pytest.raises(ImageError, match="expected 5 keypoints .* per face"):
+        read_sidecar_faces(p)

@@ -310,3 +310,49 @@ def test_torchrun_two_processes_shard_without_duplicates(setup, tmp_path):
     for name in ("a", "sub/d"):
         np.testing.assert_allclose(np.load(out / name / "samples.npz")["shape_coeffs"],
                                    np.load(tmp_path / "single" / name / "samples.npz")["shape_coeffs"], atol=1e-4)
+
+
+def test_builtin_detector_every_face_and_result_json(setup, tmp_path):
+    """No sidecars: the built-in detector finds both faces of a real two-person picture; one
+    output per face (``<image>_face<k>``), each ``result.json`` naming the detector; a re-run
+    skips both faces; the default takes the centre-most face."""
+    pytest.importorskip("ai_edge_litert")
+    skd = pytest.importorskip("skimage.data")
+    cbook = pytest.importorskip("matplotlib.cbook")
+    from ofer.data.detect import find_model_file
+    from ofer.errors import AssetError
+
+    try:
+        find_model_file("face_landmark.tflite")
+    except AssetError as exc:
+        pytest.skip(str(exc))
+    root, _, ov = setup
+    hopper = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+    canvas = np.full((560, 1100, 3), 200, np.uint8)  # astronaut (public domain) right, Hopper (public domain) left
+    canvas[20:500, 20:430] = np.asarray(hopper.resize((410, 480), Image.Resampling.LANCZOS))
+    canvas[20:532, 560:1072] = skd.astronaut()
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.fromarray(canvas).save(images / "pair.png")
+    out = tmp_path / "out"
+    cfg = _cfg(ov, "detector.mode=blazeface", "detector.faces=all", "preview=false")
+    rec = Reconstructor.from_config(cfg, torch.device("cpu"))
+    s = run(cfg, images, out, reconstructor=rec, log=lambda *a: None)
+    assert s["ok"] == 2 and [r["image"] for r in s["records"]] == ["pair.png#face0", "pair.png#face1"]
+    metas = [json.loads((out / f"pair_face{k}" / "result.json").read_text()) for k in (0, 1)]
+    for k, meta in enumerate(metas):
+        assert meta["detector"].startswith("blazeface") and meta["face_source"] == "detector" and meta["n_faces"] == 2
+        assert len(meta["kps"]) == 5
+    assert metas[0]["kps"][0][0] < 430 < metas[1]["kps"][0][0]  # numbered from the left
+    assert metas[0]["image_index"] != metas[1]["image_index"]
+    again = run(cfg, images, out, reconstructor=rec, log=lambda *a: None)
+    assert again["ok"] == 0 and again["done_before"] == 2
+    one = run(_cfg(ov, "detector.mode=blazeface", "preview=false"), images, tmp_path / "one", reconstructor=rec,
+              log=lambda *a: None)
+    assert one["ok"] == 1
+    meta = json.loads((tmp_path / "one" / "pair" / "result.json").read_text())
+    assert meta["kps"][0][0] > 560 and "2 faces found; used the one nearest the image centre" in meta["notes"]
+    # sidecar-only runs record no detector
+    sc = run(_cfg(ov, "preview=false", "detector.mode=none"), setup[1] / "a.png", tmp_path / "sc", reconstructor=rec,
+             log=lambda *a: None)
+    assert sc["ok"] == 1 and json.loads((tmp_path / "sc" / "a" / "result.json").read_text())["detector"] is None

@@ -49,7 +49,7 @@ class _LazyDetector:
 
     def get(self):
         if self.model is None and self.error is None:
-            from .data.align import SCRFDDetector
+            from .data.detect import SCRFDDetector
 
             model_dir, name, det_size, det_thresh = self.args
             try:

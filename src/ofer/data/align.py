@@ -1,4 +1,4 @@
-"""Face detection (SCRFD via insightface, optional) and 5-point alignment.
+"""5-point alignment, the two face crops, and which detected face to use.
 
 Geometry only; reading files is :mod:`ofer.data.images`. All image arrays here are
 ``(H, W, 3)`` uint8 **RGB** unless a name says otherwise, and 2-D points are ``(x, y)`` in
@@ -29,9 +29,7 @@ weights to 11 bits, so results can differ from ``cv2.warpAffine`` by about one g
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,7 +42,6 @@ __all__ = [
     "FARL_SCALE",
     "CANONICAL_BOX",
     "Detector",
-    "SCRFDDetector",
     "umeyama",
     "estimate_norm",
     "warp_affine",
@@ -54,8 +51,9 @@ __all__ = [
     "farl_crop",
     "box_from_kps",
     "select_center_face",
+    "FACE_CHOICES",
+    "choose_faces",
     "transform_points",
-    "resolve_detector_dir",
 ]
 
 #: insightface ArcFace 5-point template for a 112x112 crop (x, y).
@@ -72,12 +70,6 @@ FARL_SCALE = 1.6
 #: 94 px tall (brows to chin), centred on x = 56; chosen to approximate SCRFD boxes on
 #: frontal faces, so that crops made from sidecars frame the face like detector crops.
 CANONICAL_BOX = np.array([19.0, 20.0, 93.0, 114.0])
-
-INSIGHTFACE_URLS = {
-    "antelopev2": "https://github.com/deepinsight/insightface/releases/download/v0.7/antelopev2.zip",
-    "buffalo_l": "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip",
-}
-
 
 # --------------------------------------------------------------------------------------
 # Similarity transforms
@@ -277,70 +269,35 @@ def select_center_face(boxes: np.ndarray, image_shape: Sequence[int]) -> int:
     return int(np.argmin((cx - w / 2.0) ** 2 + (cy - h / 2.0) ** 2))
 
 
-def resolve_detector_dir(model_dir: str | os.PathLike | None = None, name: str = "antelopev2") -> Path:
-    """Find the ONNX file of the SCRFD detector.
+#: Which detected faces :func:`choose_faces` returns.
+FACE_CHOICES = ("center", "largest", "all")
 
-    Looks in ``model_dir`` (config), else ``$INSIGHTFACE_HOME/models/<name>`` or
-    ``~/.insightface/models/<name>`` (also one nested ``<name>/`` level, as some zips unpack).
-    Accepts ``scrfd*.onnx`` (antelopev2) and ``det_*.onnx`` (buffalo_*).
+#: Faces whose box side is below this fraction of the largest face's are not candidates.
+MIN_RELATIVE_SIZE = 0.5
 
-    Raises:
-        AssetError: one line, naming the folder searched and where to get the model pack.
+
+def choose_faces(boxes: np.ndarray, image_shape: Sequence[int], which: str = "center",
+                 min_relative_size: float = MIN_RELATIVE_SIZE) -> list[int]:
+    """Indices of the faces to use among a detector's boxes ``(N, 4+)`` (left, top, right, bottom).
+
+    The detector has already dropped faces below its score threshold. ``"center"``: among the
+    faces of a reasonable size (box side ``sqrt(width * height)`` at least
+    ``min_relative_size`` times the largest face's, so that a small background face or false
+    detection near the middle does not win), the one whose box centre is nearest the image
+    centre (:func:`select_center_face`); ``"largest"``: the largest box; ``"all"``: every
+    face, from left to right (box centres, ties by height). An empty list when there are no
+    boxes.
     """
-    if model_dir is not None:
-        base = Path(model_dir).expanduser()
-    else:
-        root = Path(os.environ.get("INSIGHTFACE_HOME", Path.home() / ".insightface")).expanduser()
-        base = root / "models" / name
-    candidates: list[Path] = []
-    if base.is_file() and base.suffix == ".onnx":
-        return base
-    for d in (base, base / name):
-        if d.is_dir():
-            candidates += sorted(d.glob("scrfd*.onnx")) + sorted(d.glob("det_*.onnx"))
-    if candidates:
-        return candidates[0]
-    url = INSIGHTFACE_URLS.get(name, "the insightface model zoo (github.com/deepinsight/insightface)")
-    raise AssetError(
-        f"no SCRFD detector (scrfd*.onnx / det_*.onnx) in {base}: download {url} and unzip it there, "
-        f"set the detector directory in the config, or give 5-point .kps.txt sidecars / aligned crops"
-    )
-
-
-class SCRFDDetector:
-    """SCRFD face detector through insightface + onnxruntime (the ``detect`` extra).
-
-    Args:
-        model_dir: folder (or ``.onnx`` file) of the model pack; default
-            ``~/.insightface/models/<name>``.
-        name: model pack name (``"antelopev2"``, used by MICA and OFER, or ``"buffalo_l"``).
-        det_size: detector input size ``(w, h)``. OFER/MICA used ``(224, 224)``; the default
-            ``(640, 640)`` finds small faces in large photos.
-        det_thresh: score threshold (0.5 as insightface).
-        providers: onnxruntime providers (default CPU).
-
-    ``detect`` takes a **BGR** uint8 image, as insightface expects.
-    """
-
-    def __init__(self, model_dir: str | os.PathLike | None = None, name: str = "antelopev2",
-                 det_size: tuple[int, int] = (640, 640), det_thresh: float = 0.5,
-                 providers: Sequence[str] | None = None) -> None:
-        onnx_path = resolve_detector_dir(model_dir, name)
-        try:
-            from insightface.model_zoo import get_model  # noqa: PLC0415 (optional extra)
-        except ImportError as exc:
-            raise OferError(
-                f"face detection needs the optional extra 'detect' (pip install 'ofer[detect]': insightface, "
-                f"onnxruntime); import failed: {exc}; alternatively give .kps.txt sidecars or aligned crops"
-            ) from exc
-        model = get_model(str(onnx_path), providers=list(providers or ["CPUExecutionProvider"]))
-        if model is None or not hasattr(model, "detect"):
-            raise AssetError(f"{onnx_path} is not an insightface detection model")
-        model.prepare(ctx_id=-1, input_size=tuple(det_size), det_thresh=det_thresh)
-        self.model = model
-        self.path = onnx_path
-        self.det_size = tuple(det_size)
-
-    def detect(self, img: np.ndarray, max_num: int = 0, metric: str = "default") -> tuple[np.ndarray, np.ndarray | None]:
-        """``img`` (H, W, 3) uint8 BGR -> ``(boxes (N, 5), kps (N, 5, 2))``."""
-        return self.model.detect(img, max_num=max_num, metric=metric)
+    if which not in FACE_CHOICES:
+        raise ValueError(f"which must be one of {FACE_CHOICES}, got {which!r}")
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(len(boxes), -1) if len(boxes) else np.zeros((0, 4))
+    if boxes.shape[0] == 0:
+        return []
+    side = np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
+    if which == "largest":
+        return [int(np.argmax(side))]
+    if which == "center":
+        cand = np.flatnonzero(side >= min_relative_size * side.max())
+        return [int(cand[select_center_face(boxes[cand], image_shape)])]
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2.0, (boxes[:, 1] + boxes[:, 3]) / 2.0
+    return [int(i) for i in np.lexsort((cy, cx))]

@@ -14,13 +14,17 @@ Keypoint sources, in order:
 1. ``kps=`` given by the caller;
 2. ``aligned=True``: the image is a square ArcFace-aligned crop whose side is a multiple of
    112 (``norm_crop`` output: 112, 224, ...); its keypoints are the template scaled to it;
-3. a sidecar next to the image: ``photo.kps.txt`` (5 lines ``x y``) or ``photo.kps.npy``
-   (``(5, 2)`` float), in pixels of the image as displayed (after EXIF rotation), in
-   insightface order (image-left eye, image-right eye, nose, image-left mouth corner,
-   image-right mouth corner);
-4. the detector (``detect`` interface of insightface's SCRFD), run on a copy whose long
-   side is at most ``detect_max_side``; the face whose box centre is closest to the image
-   centre is used.
+3. a sidecar next to the image: ``photo.kps.txt`` (5 lines ``x y`` per face) or
+   ``photo.kps.npy`` (``(5, 2)`` or ``(K, 5, 2)`` float), in pixels of the image as displayed
+   (after EXIF rotation), in insightface order (image-left eye, image-right eye, nose,
+   image-left mouth corner, image-right mouth corner);
+4. the detector (``detect`` interface of insightface's SCRFD; :mod:`ofer.data.detect`), run
+   on a copy whose long side is at most ``detect_max_side``.
+
+Which face (:func:`ofer.data.align.choose_faces`): among the faces of a reasonable size (box
+side at least half the largest face's), the one whose box centre is closest to the image
+centre (``which="center"``), the largest (``"largest"``), or every face from left to right
+(``"all"``, :func:`prepare_faces`). Several sidecar faces are chosen among the same way.
 
 Without a detector box (cases 1-3), the face box for the FaRL crop is
 :func:`ofer.data.align.box_from_kps`.
@@ -45,12 +49,13 @@ import numpy as np
 from ..errors import ImageError
 from .align import (
     ARCFACE_TEMPLATE,
+    MIN_RELATIVE_SIZE,
     Detector,
     arcface_blob,
     box_from_kps,
+    choose_faces,
     estimate_norm,
     farl_crop_matrix,
-    select_center_face,
     warp_affine,
 )
 
@@ -59,10 +64,14 @@ __all__ = [
     "PreparedFace",
     "read_image",
     "read_sidecar_kps",
+    "read_sidecar_faces",
+    "write_sidecar_kps",
     "sidecar_paths",
     "iter_images",
     "prepare_face",
     "prepare_face_array",
+    "prepare_faces",
+    "prepare_faces_array",
     "CROP_JPEG_QUALITY",
     "crop_file_paths",
     "write_face_crops",
@@ -85,10 +94,13 @@ class PreparedFace:
         box: ``(4,)`` float32 face box ``(left, top, right, bottom)`` in the same pixels.
         score: detector score, or ``None`` when the keypoints came from elsewhere.
         source: ``"detector"``, ``"sidecar"``, ``"aligned"`` or ``"given"``.
-        n_faces: faces found by the detector (1 for the other sources).
+        n_faces: faces found by the detector or in the sidecar (1 for the other sources).
         image_size: ``(height, width)`` of the image.
         channel_order: ``"bgr"`` or ``"rgb"``, the order of ``arcface``'s channels.
         path: the file, when read from one.
+        notes: remarks for the user (several faces, keypoints outside the image).
+        detector: what found the keypoints (the detector's ``description``), ``None`` otherwise.
+        face_index: position among the faces :func:`prepare_faces` returned (left to right).
     """
 
     arcface: np.ndarray
@@ -102,6 +114,8 @@ class PreparedFace:
     channel_order: str
     path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    detector: str | None = None
+    face_index: int = 0
 
 
 # --------------------------------------------------------------------------------------
@@ -184,11 +198,14 @@ def sidecar_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return p.with_suffix(".kps.txt"), p.with_suffix(".kps.npy")
 
 
-def read_sidecar_kps(path: str | os.PathLike) -> np.ndarray | None:
-    """The 5 keypoints from the image's sidecar file, or ``None`` when there is none.
+def read_sidecar_faces(path: str | os.PathLike) -> np.ndarray | None:
+    """All faces of the image's sidecar file, ``(K, 5, 2)``, or ``None`` when there is none.
+
+    A ``.kps.txt`` holds 5 lines ``x y`` per face (blank lines and ``#`` comments are
+    skipped); a ``.kps.npy`` a ``(5, 2)`` or ``(K, 5, 2)`` array.
 
     Raises:
-        ImageError: the sidecar exists but is not 5 finite ``x y`` pairs.
+        ImageError: the sidecar exists but is not 5 finite ``x y`` pairs per face.
     """
     txt, npy = sidecar_paths(path)
     if txt.is_file():
@@ -207,9 +224,40 @@ def read_sidecar_kps(path: str | os.PathLike) -> np.ndarray | None:
             raise ImageError(f"{npy}: not a (5, 2) float array ({_first_line(exc)})") from None
     else:
         return None
-    if kps.shape != (5, 2) or not np.all(np.isfinite(kps)):
-        raise ImageError(f"{src}: expected 5 keypoints (5 rows of 'x y'), got shape {kps.shape}")
-    return kps
+    ok = kps.ndim in (2, 3) and kps.shape[-1] == 2 and kps.size and (kps.size // 2) % 5 == 0
+    if not ok or not np.all(np.isfinite(kps)):
+        raise ImageError(f"{src}: expected 5 keypoints (5 rows of 'x y') per face, got shape {kps.shape}")
+    return kps.reshape(-1, 5, 2)
+
+
+def read_sidecar_kps(path: str | os.PathLike) -> np.ndarray | None:
+    """The 5 keypoints ``(5, 2)`` of the image's one-face sidecar file, or ``None`` when there is none.
+
+    Raises:
+        ImageError: the sidecar is malformed or holds several faces.
+    """
+    faces = read_sidecar_faces(path)
+    if faces is None:
+        return None
+    if len(faces) != 1:
+        raise ImageError(f"{sidecar_paths(path)[0]}: holds {len(faces)} faces, expected one")
+    return faces[0]
+
+
+def write_sidecar_kps(path: str | os.PathLike, kps: np.ndarray, comment: str | None = None) -> Path:
+    """Write ``photo.kps.txt`` next to image ``path``: 5 lines ``x y`` per face, faces
+    separated by a blank line, ``comment`` as ``#`` lines on top. Returns the sidecar's path."""
+    from ..io import atomic_write_bytes
+
+    faces = np.asarray(kps, dtype=np.float64).reshape(-1, 5, 2)
+    lines = [f"# {c}" for c in (comment.splitlines() if comment else [])]
+    for k, face in enumerate(faces):
+        if k:
+            lines.append("")
+        lines += [f"{x:.2f} {y:.2f}" for x, y in face]
+    out = sidecar_paths(path)[0]
+    atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
+    return out
 
 
 def iter_images(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> Iterator[Path]:
@@ -280,52 +328,13 @@ def _detect(detector: Detector, image: np.ndarray, max_side: int) -> tuple[np.nd
     return boxes, kpss
 
 
-def prepare_face_array(
-    image: np.ndarray,
-    detector: Detector | None = None,
-    *,
-    kps: np.ndarray | None = None,
-    aligned: bool = False,
-    channel_order: str = "bgr",
-    detect_max_side: int = 1600,
-    antialias: bool = True,
-    name: str = "image",
-    source_hint: str | None = None,
-) -> PreparedFace:
-    """:func:`prepare_face` for an ``(H, W, 3)`` uint8 RGB array (``name`` is used in errors)."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ImageError(f"{name}: expected an (H, W, 3) uint8 RGB array, got {image.dtype} {image.shape}")
+_CHOICE_NOTES = {"center": "used the one nearest the image centre", "largest": "used the largest"}
+
+
+def _one_face(image: np.ndarray, kps: np.ndarray, box: np.ndarray | None, name: str, channel_order: str,
+              antialias: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(arcface blob, FaRL crop, kps, box, notes) of one face."""
     h, w = image.shape[:2]
-    score: float | None = None
-    n_faces = 1
-    box = None
-    if kps is not None:
-        source = source_hint or "given"
-    elif aligned:
-        if h != w or h % 112:
-            raise ImageError(
-                f"{name}: an aligned input must be square with a side that is a multiple of 112 "
-                f"(112, 224, ...), got {w}x{h}"
-            )
-        kps = ARCFACE_TEMPLATE * (h / 112.0)
-        source = "aligned"
-    elif detector is not None:
-        if min(h, w) < 16:
-            raise ImageError(f"{name}: image too small for face detection ({w}x{h} px)")
-        boxes, kpss = _detect(detector, image, detect_max_side)
-        n_faces = int(boxes.shape[0])
-        if n_faces == 0:
-            raise ImageError(f"{name}: no face found")
-        i = select_center_face(boxes, image.shape)
-        kps, box = kpss[i], boxes[i, :4]
-        score = float(boxes[i, 4]) if boxes.shape[1] > 4 else None
-        source = "detector"
-    else:
-        raise ImageError(
-            f"{name}: no keypoints: give a detector (the 'detect' extra), a .kps.txt / .kps.npy sidecar, "
-            f"or mark the input as aligned"
-        )
     kps = np.asarray(kps, dtype=np.float64)
     if kps.shape != (5, 2) or not np.all(np.isfinite(kps)):
         raise ImageError(f"{name}: keypoints must be a finite (5, 2) array, got {kps.shape}")
@@ -342,45 +351,125 @@ def prepare_face_array(
         if not inside.any():
             raise ImageError(f"{name}: all 5 keypoints lie outside the {w}x{h} image")
         notes.append("some keypoints lie outside the image")
-    if n_faces > 1:
-        notes.append(f"{n_faces} faces found; used the one nearest the image centre")
-    aligned_112 = _crop(image, m112, 112, antialias)
-    crop = _crop(image, m224, 224, antialias)
-    return PreparedFace(
-        arcface=arcface_blob(aligned_112, channel_order),
-        farl_crop=crop,
-        kps=kps.astype(np.float32),
-        box=np.asarray(box, dtype=np.float32),
-        score=score,
-        source=source,
-        n_faces=n_faces,
-        image_size=(h, w),
-        channel_order=channel_order,
-        notes=notes,
-    )
+    blob = arcface_blob(_crop(image, m112, 112, antialias), channel_order)
+    return blob, _crop(image, m224, 224, antialias), kps, np.asarray(box, dtype=np.float64), notes
 
 
-def prepare_face(
+def prepare_faces_array(
+    image: np.ndarray,
+    detector: Detector | None = None,
+    *,
+    kps: np.ndarray | None = None,
+    aligned: bool = False,
+    which: str = "all",
+    channel_order: str = "bgr",
+    detect_max_side: int = 1600,
+    antialias: bool = True,
+    name: str = "image",
+    source_hint: str | None = None,
+    min_relative_size: float = MIN_RELATIVE_SIZE,
+) -> list[PreparedFace]:
+    """The chosen faces of an ``(H, W, 3)`` uint8 RGB array (``name`` is used in errors).
+
+    ``kps`` is ``(5, 2)`` or, for several faces, ``(K, 5, 2)``; ``which`` is ``"center"``,
+    ``"largest"`` or ``"all"`` (see the module docstring). Never empty: no face is an
+    :class:`ImageError`.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ImageError(f"{name}: expected an (H, W, 3) uint8 RGB array, got {image.dtype} {image.shape}")
+    h, w = image.shape[:2]
+    scores: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+    det_name = None
+    if kps is not None:
+        kpss = np.asarray(kps, dtype=np.float64)
+        kpss = kpss[None] if kpss.ndim == 2 else kpss
+        if kpss.ndim != 3 or kpss.shape[1:] != (5, 2) or len(kpss) == 0:
+            raise ImageError(f"{name}: keypoints must be a finite (5, 2) array, got {np.shape(kps)}")
+        source = source_hint or "given"
+    elif aligned:
+        if h != w or h % 112:
+            raise ImageError(
+                f"{name}: an aligned input must be square with a side that is a multiple of 112 "
+                f"(112, 224, ...), got {w}x{h}"
+            )
+        kpss = (ARCFACE_TEMPLATE * (h / 112.0))[None]
+        source = "aligned"
+    elif detector is not None:
+        if min(h, w) < 16:
+            raise ImageError(f"{name}: image too small for face detection ({w}x{h} px)")
+        found, kpss = _detect(detector, image, detect_max_side)
+        if found.shape[0] == 0:
+            raise ImageError(f"{name}: no face found")
+        boxes = found[:, :4]
+        scores = found[:, 4] if found.shape[1] > 4 else None
+        source = "detector"
+        det_name = str(getattr(detector, "description", None) or getattr(detector, "name", type(detector).__name__))
+    else:
+        raise ImageError(
+            f"{name}: no keypoints: give a detector (built-in: the 'blazeface' extra; or SCRFD), "
+            f"a .kps.txt / .kps.npy sidecar, or mark the input as aligned"
+        )
+    n_faces = len(kpss)
+    if n_faces == 1:
+        chosen = [0]
+    else:
+        if boxes is None:
+            try:
+                boxes = np.array([box_from_kps(k) for k in kpss])
+            except ValueError as exc:
+                raise ImageError(f"{name}: unusable keypoints ({_first_line(exc)})") from None
+        chosen = choose_faces(boxes, image.shape, which, min_relative_size)
+    out = []
+    for k, i in enumerate(chosen):
+        blob, crop, kp, box, notes = _one_face(image, kpss[i], None if boxes is None else boxes[i], name,
+                                               channel_order, antialias)
+        if n_faces > 1:
+            notes.append(f"{n_faces} faces found; " + _CHOICE_NOTES.get(which, f"face {k + 1} of {len(chosen)} used, "
+                                                                         f"numbered from the left"))
+        out.append(PreparedFace(
+            arcface=blob, farl_crop=crop, kps=kp.astype(np.float32), box=box.astype(np.float32),
+            score=None if scores is None else float(scores[i]), source=source, n_faces=n_faces,
+            image_size=(h, w), channel_order=channel_order, notes=notes, detector=det_name, face_index=k,
+        ))
+    return out
+
+
+def prepare_face_array(image: np.ndarray, detector: Detector | None = None, *, which: str = "center",
+                       **kwargs: Any) -> PreparedFace:
+    """:func:`prepare_face` for an ``(H, W, 3)`` uint8 RGB array: one face, ``which`` is
+    ``"center"`` or ``"largest"`` (other arguments as :func:`prepare_faces_array`)."""
+    if which not in _CHOICE_NOTES:
+        raise ValueError(f"which must be 'center' or 'largest' for one face, got {which!r}")
+    return prepare_faces_array(image, detector, which=which, **kwargs)[0]
+
+
+def prepare_faces(
     path: str | os.PathLike,
     detector: Detector | None = None,
     *,
     kps: np.ndarray | None = None,
     aligned: bool = False,
     use_sidecar: bool = True,
+    which: str = "all",
     channel_order: str = "bgr",
     detect_max_side: int = 1600,
     antialias: bool = True,
     min_side: int = 32,
-) -> PreparedFace:
-    """Read one image and make its ArcFace input and FaRL crop.
+    min_relative_size: float = MIN_RELATIVE_SIZE,
+) -> list[PreparedFace]:
+    """Read one image and make the ArcFace input and FaRL crop of each chosen face.
 
     Args:
         path: image file.
         detector: object with insightface's ``detect(img_bgr, max_num, metric)``
-            (e.g. :class:`ofer.data.align.SCRFDDetector`); used when no keypoints are known.
-        kps: ``(5, 2)`` keypoints in image pixels (overrides everything else).
+            (:class:`ofer.data.detect.BlazeFaceDetector`, :class:`ofer.data.detect.SCRFDDetector`);
+            used when no keypoints are known.
+        kps: ``(5, 2)`` (or ``(K, 5, 2)``) keypoints in image pixels (overrides everything else).
         aligned: the file is an ArcFace-aligned square crop (side 112, 224, ...).
         use_sidecar: look for ``<stem>.kps.txt`` / ``<stem>.kps.npy`` next to the file.
+        which: ``"center"``, ``"largest"`` or ``"all"`` (see the module docstring).
         channel_order: channel order of the ArcFace blob: ``"bgr"`` (OFER checkpoints) or
             ``"rgb"`` (MICA).
         detect_max_side: the detector sees a copy downscaled to this long side; crops are
@@ -388,9 +477,10 @@ def prepare_face(
         antialias: box-filter before warping when the face is shrunk more than 2x
             (``False`` reproduces OpenCV's aliased sampling).
         min_side: smaller images are refused (aligned inputs are exempt).
+        min_relative_size: faces smaller than this fraction of the largest are not candidates.
 
     Returns:
-        :class:`PreparedFace`.
+        the :class:`PreparedFace` of each chosen face (one unless ``which="all"``).
 
     Raises:
         ImageError: one-line reason (unreadable file, bad sidecar, no face, ...).
@@ -401,14 +491,29 @@ def prepare_face(
     image = read_image(p, min_side=1 if aligned else min_side)
     hint = None
     if kps is None and not aligned and use_sidecar:
-        kps = read_sidecar_kps(p)
+        kps = read_sidecar_faces(p)
         hint = "sidecar" if kps is not None else None
-    face = prepare_face_array(
-        image, detector, kps=kps, aligned=aligned, channel_order=channel_order,
+    faces = prepare_faces_array(
+        image, detector, kps=kps, aligned=aligned, which=which, channel_order=channel_order,
         detect_max_side=detect_max_side, antialias=antialias, name=str(p), source_hint=hint,
+        min_relative_size=min_relative_size,
     )
-    face.path = p
-    return face
+    for face in faces:
+        face.path = p
+    return faces
+
+
+def prepare_face(path: str | os.PathLike, detector: Detector | None = None, *, which: str = "center",
+                 **kwargs: Any) -> PreparedFace:
+    """Read one image and make its ArcFace input and FaRL crop: :func:`prepare_faces` for one
+    face, ``which`` is ``"center"`` (default) or ``"largest"``.
+
+    Raises:
+        ImageError: one-line reason (unreadable file, bad sidecar, no face, ...).
+    """
+    if which not in _CHOICE_NOTES:
+        raise ValueError(f"which must be 'center' or 'largest' for one face, got {which!r}")
+    return prepare_faces(path, detector, which=which, **kwargs)[0]
 
 
 # --------------------------------------------------------------------------------------

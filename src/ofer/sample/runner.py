@@ -1,5 +1,14 @@
 """Reconstructing a folder of images (``sample.py``): resume, per-image outputs, summaries, sharding.
 
+Run semantics: every image ends ``ok``, ``failed`` (with a one-line reason) or ``done-before``,
+and files the runner cannot use are listed as ``skipped``; one image never stops the others
+(a model error fails its batch, which is then retried image by image); results with NaN or
+inf are ``failed``; ``summary.json`` / ``summary.csv`` are written at the end of every run,
+also an interrupted one. An output folder records the settings that change results
+(``run.json``): resuming into it with other settings is refused unless ``overwrite=true``.
+Exit status of :func:`main`: 0 all done, 1 some images failed, 2 usage or configuration error,
+130 interrupted.
+
 :func:`run` goes through named stages: :func:`plan` (which images, which are done),
 :func:`prepare` (face detection / alignment, one image at a time, failures recorded),
 :func:`reconstruct_batch` (the :class:`~ofer.sample.reconstructor.Reconstructor` on a batch),
@@ -13,6 +22,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +34,8 @@ import torch
 
 from ..config import config_to_dict, load_config
 from ..device import cleanup, dist_env, init_distributed
-from ..errors import OferError
+from ..data.images import IMAGE_EXTENSIONS, prepare_faces
+from ..errors import ConfigError, OferError
 from ..io import atomic_write_bytes, write_json, write_landmarks, write_mesh, write_npz
 from .config import SampleConfig
 from .reconstructor import STAGES, ImageResult, Reconstructor, image_seed_index
@@ -112,33 +123,60 @@ def _write_preview(path: Path, res: ImageResult, faces: np.ndarray, crop: np.nda
 # ----------------------------------------------------------------------------------------
 # Stages of a folder run
 # ----------------------------------------------------------------------------------------
-def list_inputs(input_path: Path) -> tuple[Path, list[Path]]:
-    """(root, sorted image files) for a folder (recursive) or a single file."""
-    from ..data.images import iter_images
+#: Image formats the reader cannot take: reported as skipped, not silently left out.
+UNSUPPORTED_SUFFIXES = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".dng", ".cr2", ".cr3", ".nef", ".arw",
+                        ".raw", ".svg", ".psd")
 
+
+def list_inputs(input_path: Path, exclude: Optional[Path] = None) -> tuple[Path, list[Path], list[dict]]:
+    """``(root, sorted image files, skipped records)`` for a folder (recursive) or one file.
+
+    ``exclude`` (the output folder, when it lies inside the input) is not searched. Files of an
+    unsupported image format and folders that cannot be read come back as ``skipped`` records.
+    """
     if input_path.is_file():
-        return input_path.parent, [input_path]
+        return input_path.parent, [input_path], []
     if not input_path.is_dir():
         raise OferError(f"input not found: {input_path}")
-    return input_path, sorted(iter_images(input_path))
+    ex = exclude.resolve() if exclude is not None else None
+    files, skipped = [], []
+
+    def unreadable(err: OSError) -> None:
+        skipped.append({"image": str(Path(err.filename).relative_to(input_path)) + "/", "status": "skipped",
+                        "reason": f"cannot read folder: {err.strerror}"})
+
+    for dirpath, dirnames, filenames in os.walk(input_path, onerror=unreadable):
+        d = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (d / n).resolve() != ex)
+        for name in sorted(filenames):
+            low = name.lower()
+            if name.startswith("."):
+                continue
+            if low.endswith(IMAGE_EXTENSIONS):
+                files.append(d / name)
+            elif low.endswith(UNSUPPORTED_SUFFIXES):
+                skipped.append({"image": str((d / name).relative_to(input_path)), "status": "skipped",
+                                "reason": f"unsupported image format {Path(low).suffix} (convert it to JPEG or PNG)"})
+    return input_path, sorted(files), skipped
 
 
 def make_detector(cfg: SampleConfig):
-    """(detector or None, a line saying which) for ``detector.*``."""
-    mode = cfg.detector.mode
-    if mode == "none" or cfg.aligned:
+    """(detector or None, a line saying which) for ``detector.*`` (:func:`ofer.data.detect.build_detector`).
+
+    The released models were trained on SCRFD keypoints: under the faithful preset the line
+    says so when another detector is used.
+    """
+    if cfg.detector.mode == "none" or cfg.aligned:
         return None, "no detector (sidecars or aligned crops)"
-    from ..data.align import SCRFDDetector
+    from ..data.detect import build_detector
 
     d = cfg.detector
-    try:
-        det = SCRFDDetector(model_dir=d.model_dir, name=d.name, det_size=(d.det_size, d.det_size),
-                            det_thresh=d.det_thresh)
-        return det, f"SCRFD ({d.name})"
-    except OferError as exc:
-        if mode == "scrfd":
-            raise
-        return None, f"no detector ({exc}); images need .kps.txt sidecars"
+    det, msg = build_detector(d.mode, scrfd_dir=d.model_dir, scrfd_name=d.name, det_size=d.det_size,
+                              det_thresh=d.det_thresh, blazeface_dir=d.blazeface_dir)
+    if cfg.preset == "faithful" and det is not None and getattr(det, "name", "") != "scrfd":
+        msg += ("; the faithful preset prefers SCRFD (the released models were trained on its keypoints): "
+                "install the 'detect' extra and the antelopev2 pack")
+    return det, msg
 
 
 @dataclass
@@ -150,6 +188,7 @@ class Job:
     name: str  # relative path with suffix: the summary's name
     face: Any = None
     seconds: float = 0.0
+    last: bool = True  # the image's last job (``detector.faces=all`` makes one job per face)
 
 
 @dataclass
@@ -163,59 +202,118 @@ class RunState:
         self.records.append({"image": job.name, "status": "failed", "reason": reason})
 
 
-def plan(input_path: Path, output: Path, rank: int = 0, world: int = 1) -> tuple[list[Job], list[dict]]:
-    """This process's share of the images: (jobs to do, records of those done before)."""
-    root, files = list_inputs(input_path)
-    todo, done = [], []
-    for j, f in enumerate(files):
+def plan(input_path: Path, output: Path, rank: int = 0, world: int = 1, redo: bool = False,
+         every_face: bool = False) -> tuple[list[Job], list[dict]]:
+    """This process's share of the images: (jobs to do, records of those done before or skipped).
+
+    An image's output folder is its path relative to the input without the suffix; images that
+    would share one (``face.jpg`` and ``face.png``) keep their suffix instead (``face.jpg/``),
+    so each has its own folder and its own noise. ``redo`` ignores finished images. With
+    ``every_face`` the faces are known only after detection: :func:`prepare` skips those done
+    before.
+    """
+    exclude = output if output.resolve().is_relative_to(input_path.resolve()) and input_path.is_dir() else None
+    root, files, skipped = list_inputs(input_path, exclude)
+    rels = [f.relative_to(root).with_suffix("").as_posix() for f in files]
+    taken = {r for r in rels if rels.count(r) > 1}
+    todo, done = [], [r for j, r in enumerate(skipped) if j % world == rank]
+    for j, (f, rel) in enumerate(zip(files, rels)):
         if j % world != rank:
             continue
-        job = Job(f, f.relative_to(root).with_suffix("").as_posix(), str(f.relative_to(root)))
-        if (output / job.rel / RESULT_FILE).is_file():
+        job = Job(f, f.relative_to(root).as_posix() if rel in taken else rel, str(f.relative_to(root)))
+        if not redo and not every_face and (output / job.rel / RESULT_FILE).is_file():
             done.append({"image": job.name, "status": "done-before"})
         else:
             todo.append(job)
     return todo, done
 
 
-def prepare(job: Job, detector: Any, cfg: SampleConfig, state: RunState) -> bool:
-    """Find and align ``job``'s face; False (and a failed record) when the image is unusable."""
-    from ..data.images import prepare_face
-
+def prepare(job: Job, detector: Any, cfg: SampleConfig, state: RunState, output: Path | None = None) -> list[Job]:
+    """Find and align ``job``'s face: the jobs to reconstruct, empty (and a failed record) when
+    the image is unusable. With ``detector.faces=all`` one job per face, output
+    ``<image>_face<k>`` (numbered from the left); faces whose ``result.json`` is in ``output``
+    are recorded as done before."""
+    which = cfg.detector.faces
     t0 = time.perf_counter()
     try:
-        job.face = prepare_face(job.path, detector, aligned=cfg.aligned, use_sidecar=cfg.use_sidecar,
-                                channel_order=cfg.channel_order)
+        faces = prepare_faces(job.path, detector, aligned=cfg.aligned, use_sidecar=cfg.use_sidecar, which=which,
+                              channel_order=cfg.channel_order, min_relative_size=cfg.detector.min_relative_size)
     except OferError as exc:
         state.fail(job, str(exc))
-        return False
+        return []
+    except Exception as exc:  # an unforeseen fault of one image must not stop the others
+        state.fail(job, _error_line(exc))
+        return []
     finally:
         job.seconds = time.perf_counter() - t0
         state.timer["prepare"] += job.seconds
-    return True
+    if which != "all":
+        job.face = faces[0]
+        return [job]
+    jobs = []
+    for f in faces:
+        fj = Job(job.path, f"{job.rel}_face{f.face_index}", f"{job.name}#face{f.face_index}", face=f,
+                 seconds=job.seconds / len(faces), last=False)
+        if output is not None and (output / fj.rel / RESULT_FILE).is_file():
+            state.records.append({"image": fj.name, "status": "done-before"})
+        else:
+            jobs.append(fj)
+    if jobs:
+        jobs[-1].last = True
+    return jobs
+
+
+def _error_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _finite(res: ImageResult) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in (res.shape_coeffs, res.scores, res.identity_vertices,
+                                                       res.exp_coeffs, res.jaw_pose, res.expression_vertices))
 
 
 def reconstruct_batch(batch: list[Job], rec: Reconstructor, cfg: SampleConfig, output: Path,
                       faces: np.ndarray, state: RunState) -> None:
-    """Reconstruct ``batch`` and write each image's folder; a model failure fails the batch."""
+    """Reconstruct ``batch`` and write each image's folder.
+
+    A model error (out of memory, say) fails the batch, which is then retried image by image,
+    so that it fails only the images it belongs to. Results with NaN or inf are ``failed``, as
+    is an image whose files cannot be written (a full disk, say).
+    """
     arc = torch.stack([torch.from_numpy(j.face.arcface) for j in batch])
     farl = torch.stack([torch.from_numpy(j.face.farl_crop).permute(2, 0, 1) for j in batch])
     idx = [image_seed_index(j.rel) for j in batch]
     t_batch = time.perf_counter()
     try:
         results = rec.reconstruct(arc, farl, idx, state.timer)
-    except OferError as exc:
-        for j in batch:
-            state.fail(j, str(exc))
+    except (OferError, RuntimeError) as exc:
+        if len(batch) > 1:
+            for j in batch:
+                reconstruct_batch([j], rec, cfg, output, faces, state)
+        else:
+            state.fail(batch[0], _error_line(exc) if isinstance(exc, RuntimeError) else str(exc))
         return
     per_image = (time.perf_counter() - t_batch) / len(batch)
+    samplers = {w: list(cfg.sampler(w)) for w in ("idgen", "expgen")}
     for j, i, res in zip(batch, idx, results):
+        if not _finite(res):
+            state.fail(j, "the reconstruction holds NaN or inf values (check the checkpoints)")
+            continue
         t0 = time.perf_counter()
         meta = {"image": j.name, "status": "ok", "image_index": i, "ranked_index": res.ranked_index,
-                "face_source": j.face.source, "notes": list(j.face.notes), "preset": cfg.preset,
+                "face_source": j.face.source, "detector": j.face.detector, "n_faces": j.face.n_faces,
+                "kps": np.round(j.face.kps.astype(np.float64), 2).tolist(), "notes": list(j.face.notes),
+                "preset": "custom" if cfg.samplers_overridden else cfg.preset, "samplers": samplers,
                 "seed": cfg.seed, "n_identities": cfg.n_identities, "n_expressions": cfg.n_expressions,
                 "units": "mm"}
-        write_image_outputs(output / j.rel, res, faces, cfg, j.face.farl_crop, meta, face=j.face)
+        try:
+            write_image_outputs(output / j.rel, res, faces, cfg, j.face.farl_crop, meta, face=j.face)
+        except OSError as exc:
+            # an unfinished folder is worth nothing (no result.json): free its space
+            shutil.rmtree(output / j.rel, ignore_errors=True)
+            state.fail(j, f"cannot write its outputs: {exc.strerror or _error_line(exc)}")
+            continue
         dt = time.perf_counter() - t0
         state.timer["writing"] += dt
         state.records.append({"image": j.name, "status": "ok", "ranked_index": res.ranked_index,
@@ -247,6 +345,8 @@ def _merge_summaries(output: Path, world: int, cfg: SampleConfig) -> dict:
         "ok": n_ok,
         "failed": sum(r["status"] == "failed" for r in records),
         "done_before": sum(r["status"] == "done-before" for r in records),
+        "skipped": sum(r["status"] == "skipped" for r in records),
+        "interrupted": any(p.get("interrupted") for p in parts),
         "processes": world,
         "wall_seconds": max((p["wall_seconds"] for p in parts), default=0.0),
         "stage_seconds": stage,
@@ -267,9 +367,74 @@ def _merge_summaries(output: Path, world: int, cfg: SampleConfig) -> dict:
 # ----------------------------------------------------------------------------------------
 # A folder run
 # ----------------------------------------------------------------------------------------
+RUN_FILE = "run.json"
+
+
+def _file_id(path: Optional[Path]) -> Optional[str]:
+    if path is None:
+        return None
+    try:
+        return f"{path.resolve()} ({path.stat().st_size} bytes)"
+    except OSError:
+        return str(path)
+
+
+def settings_of(cfg: SampleConfig) -> dict:
+    """What changes an image's results: the run's fingerprint (kept in ``run.json``)."""
+    from ..config import resolve_path
+
+    ck = cfg.checkpoints
+    root = cfg.data_root
+    return {
+        "seed": cfg.seed, "n_identities": cfg.n_identities, "n_expressions": cfg.n_expressions,
+        "save_expressions": cfg.save_expressions, "samplers": {w: list(cfg.sampler(w)) for w in ("idgen", "expgen")},
+        "jaw_scale": cfg.jaw_scale, "ranker_batch1_quirk": cfg.batch1_quirk, "channel_order": cfg.channel_order,
+        "aligned": cfg.aligned, "use_sidecar": cfg.use_sidecar, "mesh_format": cfg.mesh_format,
+        "chosen_expressions": cfg.chosen_expressions, "export": list(cfg.export),
+        "uncertainty": {"top_k": cfg.uncertainty.top_k, "meshes": cfg.uncertainty.meshes,
+                        "scale_mm": cfg.uncertainty.scale_mm,
+                        "masks": _file_id(resolve_path(root, cfg.uncertainty.masks_path))},
+        "detector": config_to_dict(cfg.detector),
+        "checkpoints": {k: _file_id(resolve_path(root, getattr(ck, k)))
+                        for k in ("idgen", "expgen", "idrank", "ranker_vertex_indices")},
+        "flame": {k: _file_id(resolve_path(root, getattr(cfg.flame, k)))
+                  for k in ("model_path", "landmark_embedding_path")},
+    }
+
+
+def claim_output(output: Path, cfg: SampleConfig, rank: int) -> None:
+    """Create ``output`` and make sure it may receive this run's results.
+
+    Raises:
+        OferError: the folder cannot be created or written (one line), or it holds results
+            made with other settings and ``overwrite`` is off.
+    """
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OferError(f"cannot create the output folder {output}: {exc.strerror or exc}") from exc
+    settings = settings_of(cfg)
+    old = output / RUN_FILE
+    if old.is_file() and not cfg.overwrite:
+        try:
+            before = json.loads(old.read_text(encoding="utf-8")).get("settings", {})
+        except (OSError, ValueError):
+            before = {}
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            raise ConfigError(f"the output folder {output} holds results made with other settings "
+                              f"({', '.join(changed)}); choose another folder, or redo every image with "
+                              "overwrite=true")
+    if rank == 0:
+        try:
+            write_json(old, {"settings": settings})
+        except OSError as exc:
+            raise OferError(f"cannot write to the output folder {output}: {exc.strerror or exc}") from exc
+
+
 def run(cfg: SampleConfig, input_path: str | os.PathLike, output: str | os.PathLike,
         reconstructor: Reconstructor | None = None, log: Callable[[str], Any] = print,
-        device: Optional[torch.device] = None) -> dict:
+        device: Optional[torch.device] = None, detector: Any = None) -> dict:
     """Reconstruct every image under ``input_path`` into ``output``; returns the summary.
 
     Per image ``<output>/<relative path without suffix>/``: ``identity.<ext>`` (ranked,
@@ -278,20 +443,23 @@ def run(cfg: SampleConfig, input_path: str | os.PathLike, output: str | os.PathL
     ``uncertainty/`` (the ranked identity coloured by each spread), ``export/`` (the
     ``export`` formats), ``landmarks68.npy`` / ``landmarks7.npy`` (mm, NoW-ready),
     ``preview.png`` and ``result.json`` (written last, with the spread summary). Images whose
-    ``result.json`` exists are skipped. Bad images are reported and skipped. Under
-    ``torchrun`` images are sharded by rank; rank 0 merges the summaries.
+    ``result.json`` exists are skipped (unless ``overwrite``). Bad images are reported and
+    skipped. Under ``torchrun`` images are sharded by rank; rank 0 merges the summaries.
+    ``detector``: a detector object to use instead of the one ``detector.*`` names.
     """
     from tqdm import tqdm
 
     input_path, output = Path(input_path), Path(output)
     rank, world, _ = dist_env()
-    todo, done = plan(input_path, output, rank, world)
-    output.mkdir(parents=True, exist_ok=True)
+    claim_output(output, cfg, rank)
+    todo, done = plan(input_path, output, rank, world, redo=cfg.overwrite, every_face=cfg.detector.faces == "all")
     state = RunState(records=done)
     rec = reconstructor
     if rec is None and todo:
         rec = Reconstructor.from_config(cfg, device)
-    detector, det_msg = make_detector(cfg) if todo else (None, "")
+    det_msg = "the given detector"
+    if detector is None:
+        detector, det_msg = make_detector(cfg) if todo else (None, "")
     if rank == 0:
         log(f"{len(done) + len(todo)} images on this process, {len(todo)} to do ({world} process(es)); {det_msg}")
     faces = rec.flame_id.faces.cpu().numpy() if rec is not None else None
@@ -301,23 +469,33 @@ def run(cfg: SampleConfig, input_path: str | os.PathLike, output: str | os.PathL
     t_start = time.perf_counter()
     try:
         for job in todo:
-            if prepare(job, detector, cfg, state):
-                batch.append(job)
-            else:
+            ready = prepare(job, detector, cfg, state, None if cfg.overwrite else output)
+            batch += ready
+            if not ready:
                 bar.update(1)
-            if len(batch) >= cfg.batch_size:
-                reconstruct_batch(batch, rec, cfg, output, faces, state)
-                bar.update(len(batch))
-                batch = []
+            while len(batch) >= cfg.batch_size:
+                reconstruct_batch(batch[:cfg.batch_size], rec, cfg, output, faces, state)
+                bar.update(sum(j.last for j in batch[:cfg.batch_size]))
+                batch = batch[cfg.batch_size:]
         if batch:
             reconstruct_batch(batch, rec, cfg, output, faces, state)
-            bar.update(len(batch))
+            bar.update(sum(j.last for j in batch))
+            batch = []
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: finished images are kept; re-run the same command to resume")
     finally:
         bar.close()
-    summary = write_summary(output, rank, world, cfg, state, time.perf_counter() - t_start, interrupted)
+        for job in batch:  # prepared but not reached
+            state.fail(job, "not reconstructed: the run stopped before its batch")
+        # the summary is written whatever happened above
+        try:
+            summary = write_summary(output, rank, world, cfg, state, time.perf_counter() - t_start, interrupted)
+        except OSError as exc:
+            for r in state.records:
+                log(f"{r['image']}: {r['status']}" + (f" ({r['reason']})" if "reason" in r else ""))
+            raise OferError(f"cannot write the run summary in {output}: {exc.strerror or exc} "
+                            "(the images' statuses are listed above)") from exc
     if interrupted:
         raise KeyboardInterrupt
     return summary
@@ -350,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in summary["records"]:
                 if r["status"] == "failed":
                     print(f"  failed: {r['image']}: {r['reason']}")
-        return 0 if summary.get("failed", 0) == 0 or summary.get("ok", 0) > 0 else 1
+        return 0 if summary.get("failed", 0) == 0 else 1
     except OferError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
