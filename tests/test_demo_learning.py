@@ -227,3 +227,35 @@ def test_demo_refuses_a_cached_world_of_another_size(tmp_path):
     with pytest.raises(SystemExit, match="holds a world of 600 identities and 16 test scenes, not 1500 and 24: add --fresh"):
         main(["--root", str(tmp_path)])
     assert (world / "world.json").is_file()  # nothing was deleted
+
+
+def test_occlusion_auc_reads_only_the_rendered_vertices():
+    from ofer.world.report import occlusion_auc
+
+    rng = np.random.default_rng(4)
+    in_render = rng.random(300) < 0.7
+    hidden = in_render & (rng.random(300) < 0.3)
+    visible = in_render & ~hidden
+    spread = hidden * 2.0 + rng.random(300)  # every hidden vertex above every visible one
+    spread[~in_render] = 100.0  # not shown by the render: not counted either way
+    assert occlusion_auc(spread, in_render, visible) == 1.0
+    assert occlusion_auc(-spread, in_render, visible) == 0.0
+    assert np.isnan(occlusion_auc(spread, in_render, in_render))  # nothing hidden
+
+
+def test_spread_measures_follow_the_data(world, tmp_path):
+    gts = _gt(world)
+    rng = np.random.default_rng(6)
+    # no expression spread at all: every vertex ties, the AUCs sit at chance and nothing is shown
+    for name, gt in gts.items():
+        _write(tmp_path / "flat", name, np.zeros((N, N_SHAPE)), ranked=0)
+        amp = 2.0 if str(gt["variant"]) == "mouth" else 0.5  # the face mask widens the expressions
+        _write(tmp_path / "mask", name, np.zeros((N, N_SHAPE)), ranked=0, exp=amp * rng.standard_normal((M, N_EXP)))
+    s = world_report(tmp_path / "flat", world)["summary"]
+    assert s["spread_auc_images"] == 24 and s["spread_auc_occluded"] == 0.5
+    assert s["spread_increase_auc_occluded"] == 0.5 and s["spread_auc_p"] == 1.0
+    assert s["lips_spread_face_mask_increase_mm"] == 0.0 and s["face_mask_p"] == 1.0
+    s = world_report(tmp_path / "mask", world)["summary"]
+    assert s["face_mask_pairs"] == 12 and s["lips_spread_face_mask_increase_fraction"] == 1.0
+    assert s["lips_spread_face_mask_mm"] > s["lips_spread_clean_mm"] and s["face_mask_p"] == pytest.approx(0.5 ** 12)
+    assert set(s["spread_auc_occluded_by_variant"]) == {"mouth", "occluded"}

@@ -114,6 +114,78 @@ def test_identity_mesh_matches_flame_of_ranked_coefficients(setup, tmp_path, syn
     np.testing.assert_allclose(mesh.vertices, ex.vertices[0].numpy() * 1000, atol=1e-3)
 
 
+def test_spread_outputs_exports_and_preview(setup, tmp_path, synthetic_flame_paths):
+    """Spreads recomputed from the written coefficients with FLAME and plain numpy; regions from
+    the masks; the coloured meshes, the exports and the one-row preview."""
+    import trimesh
+
+    from ofer.flame import FLAME
+    from ofer.sample.export import main as export_main
+    from ofer.uncertainty import colorize, select_far_apart
+
+    root, images, ov = setup
+    out = tmp_path / "out"
+    cfg = _cfg(ov, f"uncertainty.masks_path={synthetic_flame_paths.masks}", "uncertainty.top_k=3",
+               "chosen_expressions=3", "export=[flame,blender,glb]", "mesh_format=obj")
+    assert run(cfg, images / "a.png", out, log=lambda *a: None)["ok"] == 1
+    d = out / "a"
+    z = np.load(d / "samples.npz")
+    flame = FLAME(synthetic_flame_paths.model, None, n_shape=N_SHAPE, n_exp=N_EXP, dtype=torch.float64)
+    t = lambda a: torch.from_numpy(np.asarray(a)).double()  # noqa: E731
+    ids = flame(shape_coeffs=t(z["shape_coeffs"])).vertices.numpy()
+    best = int(z["ranked_index"])
+    exps = flame(shape_coeffs=t(z["shape_coeffs"][best])[None].expand(5, -1), exp_coeffs=t(z["exp_coeffs"]),
+                 jaw_pose=t(z["jaw_pose"])).vertices.numpy()
+
+    def spread_mm(h):  # RMS distance to the mean position, per vertex
+        return np.sqrt(((h - h.mean(0)) ** 2).sum(-1).mean(0)) * 1000
+
+    top = np.argsort(-z["scores"])[:3]
+    V = ids.shape[1]
+    for key, ref in (("identity_spread_mm", spread_mm(ids)), ("identity_top_k_spread_mm", spread_mm(ids[top])),
+                     ("expression_spread_mm", spread_mm(exps))):
+        assert z[key].shape == (V,) and z[key].dtype == np.float32
+        np.testing.assert_allclose(z[key], ref, rtol=1e-4, atol=1e-3, err_msg=key)
+    assert int(z["top_k"]) == 3 and z["chosen_index"].tolist() == select_far_apart(exps, 3)
+    res = json.loads((d / "result.json").read_text())
+    unc = res["uncertainty"]
+    assert unc["units"] == "mm" and unc["top_k"] == 3 and unc["chosen_expressions"] == z["chosen_index"].tolist()
+    masks = safe_load_pickle(synthetic_flame_paths.masks)
+    assert set(unc["expression"]["regions"]) == {"face", "eyes", "nose", "mouth", "forehead", "cheeks"}
+    assert unc["expression"]["regions"]["mouth"] == pytest.approx(
+        z["expression_spread_mm"][np.unique(masks["lips"])].mean(), abs=2e-4)
+    assert unc["identity"]["max"] == pytest.approx(float(z["identity_spread_mm"].max()), abs=2e-4)
+    # the coloured meshes (the configured format) and their scale
+    mesh = trimesh.load(d / unc["meshes"]["expression"], process=False)
+    assert unc["meshes"]["expression"].endswith(".obj")
+    np.testing.assert_allclose(mesh.vertices, ids[best] * 1000, atol=1e-3)
+    vmax = unc["color_scale_mm"]["expression"]
+    assert vmax >= np.percentile(z["expression_spread_mm"], 99)
+    np.testing.assert_array_equal(mesh.visual.vertex_colors[:, :3], colorize(z["expression_spread_mm"], vmax))
+    # exports, listed in result.json
+    assert res["exports"] == ["export/flame_params.npz", "export/flame_blender.json",
+                              "export/apply_in_blender.py", "export/hypotheses.glb"]
+    fp = np.load(d / "export" / "flame_params.npz")
+    np.testing.assert_array_equal(fp["exp"], z["exp_coeffs"][z["chosen_index"]])
+    np.testing.assert_array_equal(fp["shape"][0], z["shape_coeffs"][best])
+    # the export CLI redoes them from samples.npz alone
+    first = {f.name: f.read_bytes() for f in (d / "export").iterdir()}
+    for f in (d / "export").iterdir():
+        f.unlink()
+    assert export_main(["--samples", str(out), "--config", str(ROOT / "configs" / "sample.yaml"), *ov]) == 0
+    again = {f.name: f.read_bytes() for f in (d / "export").iterdir()}
+    assert set(again) == set(first)
+    for name in ("flame_params.npz", "flame_blender.json", "apply_in_blender.py"):
+        assert again[name] == first[name], name
+    assert export_main(["--samples", str(out), "--formats", "fbx"]) == 2
+    # preview: one row of 256-px cells: input + crop + identity + identity spread + 3 expressions
+    # + expression spread + colour scale
+    from PIL import Image
+
+    w, h = Image.open(d / "preview.png").size
+    assert (w, h) == (9 * (256 + 2) + 2, 256 + 16 + 2 + 2)
+
+
 def test_results_independent_of_batch_size_and_order(setup, tmp_path):
     root, images, ov = setup
     a = run(_cfg(ov, "batch_size=1", "preview=false"), images, tmp_path / "a", log=lambda *x: None)

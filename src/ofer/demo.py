@@ -241,8 +241,9 @@ def _environment() -> dict[str, Any]:
             "train_threads": TRAIN_THREADS, "sample_threads": SAMPLE_THREADS}
 
 
-def _contact_sheet(samples: Path, out: Path, count: int = 4) -> None:
-    """Stack the first previews into one image."""
+def _contact_sheet(samples: Path, out: Path, count: int = 6) -> None:
+    """Stack the first previews (one row each; the test scenes' variants come in name order,
+    so two scenes clean, with an occluder and with a face mask) into one image."""
     import numpy as np
     from PIL import Image
 

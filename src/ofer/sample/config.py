@@ -8,7 +8,8 @@ from typing import Literal, Optional
 from ..config import check_key
 from ..diffusion.samplers import METHODS
 
-__all__ = ["SampleConfig", "FlameSection", "CheckpointSection", "DetectorSection", "PRESETS"]
+__all__ = ["SampleConfig", "FlameSection", "CheckpointSection", "DetectorSection", "UncertaintySection",
+           "EXPORTS", "PRESETS"]
 
 #: Sampler (method, steps) of each generator under each preset.
 PRESETS = {
@@ -69,6 +70,24 @@ class DetectorSection:
 
 
 @dataclass
+class UncertaintySection:
+    """Per-vertex spread of the hypotheses: ``samples.npz``, coloured meshes, ``result.json``."""
+
+    #: the spread of the k best-ranked identities is reported beside that of all N
+    top_k: int = 10
+    #: FLAME masks for the per-region summary; a missing file: no regions in the summary
+    masks_path: Optional[str] = "FLAME2020/FLAME_masks.pkl"
+    #: write ``uncertainty/*.<mesh_format>``: the ranked identity coloured by each spread
+    meshes: bool = True
+    #: top of the colour scale in mm; None: per map, a round number above its 99th percentile
+    scale_mm: Optional[float] = None
+
+
+#: What ``export=[...]`` can add to each image's ``export/`` folder (``docs/outputs.md``).
+EXPORTS = ("flame", "blender", "glb")
+
+
+@dataclass
 class SampleConfig:
     """Sampling reconstructions for a folder of images (``sample.py``)."""
 
@@ -94,6 +113,10 @@ class SampleConfig:
     #: (px at 112) are refused as not a face (swapped points); null: no check
     max_kps_residual: Optional[float] = 12.0
     mesh_format: Literal["ply", "obj"] = "ply"
+    #: expression hypotheses chosen far apart: shown in the preview, glTF morph targets
+    chosen_expressions: int = 4
+    #: extra formats in ``export/``: flame (DECA/EMOCA-style npz), blender, glb
+    export: list[Literal["flame", "blender", "glb"]] = field(default_factory=list)
     preview: bool = True
     progress: bool = True
     #: redo every image of an output folder, also one made with other settings (else such a
@@ -102,12 +125,19 @@ class SampleConfig:
     flame: FlameSection = field(default_factory=FlameSection)
     checkpoints: CheckpointSection = field(default_factory=CheckpointSection)
     detector: DetectorSection = field(default_factory=DetectorSection)
+    uncertainty: UncertaintySection = field(default_factory=UncertaintySection)
 
     def validate(self, p: str) -> None:
         check_key(self.n_identities >= 1, p + "n_identities", f"must be >= 1, got {self.n_identities}")
         check_key(self.n_expressions >= 1, p + "n_expressions", f"must be >= 1, got {self.n_expressions}")
         check_key(0 <= self.save_expressions <= self.n_expressions, p + "save_expressions",
                f"must be in [0, n_expressions={self.n_expressions}], got {self.save_expressions}")
+        check_key(0 <= self.chosen_expressions <= self.n_expressions, p + "chosen_expressions",
+                  f"must be in [0, n_expressions={self.n_expressions}], got {self.chosen_expressions}")
+        check_key(self.uncertainty.top_k >= 1, p + "uncertainty.top_k", f"must be >= 1, got {self.uncertainty.top_k}")
+        sc = self.uncertainty.scale_mm
+        check_key(sc is None or sc > 0, p + "uncertainty.scale_mm", f"must be null or > 0, got {sc}")
+        check_key(len(set(self.export)) == len(self.export), p + "export", f"lists a format twice: {self.export}")
         check_key(self.batch_size >= 1, p + "batch_size", f"must be >= 1, got {self.batch_size}")
         for key in ("idgen_sampler", "expgen_sampler"):
             v = getattr(self, key)

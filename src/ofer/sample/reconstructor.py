@@ -2,7 +2,8 @@
 
 For a batch of aligned faces: the encoders (each distinct encoder once) -> IdGen draws N
 identity (shape) hypotheses -> FLAME -> IdRank scores them -> the best identity -> ExpGen draws
-M expressions (expression coefficients + jaw) -> FLAME on that identity. All N (or M)
+M expressions (expression coefficients + jaw) -> FLAME on that identity -> the per-vertex
+spread of the hypotheses (:mod:`ofer.uncertainty`) and a few expressions chosen far apart. All N (or M)
 hypotheses of all images of a batch go through one batched sampling loop. Hypothesis k of an
 image depends only on (seed, the image's index, k), never on the batch size or order.
 """
@@ -22,6 +23,7 @@ from ..errors import AssetError, CheckpointError, ConfigError
 from ..flame import FLAME
 from ..models.conditioned import ConditionedModel
 from ..models.loading import load_model
+from ..uncertainty import load_regions, select_far_apart, summarize, vertex_spread
 from .config import SampleConfig
 
 __all__ = ["Reconstructor", "ImageResult", "STAGES", "image_seed_index"]
@@ -57,6 +59,17 @@ class ImageResult:
     exp_coeffs: torch.Tensor  # (M, n_exp)
     jaw_pose: torch.Tensor  # (M, 3) after the jaw scale
     expression_vertices: torch.Tensor  # (S, V, 3) the first S expressions
+    #: per-vertex spread (mm) of all N identities, of the top_k best-ranked ones, and of the M
+    #: expressions on the ranked identity (:func:`ofer.uncertainty.vertex_spread`), each (V,)
+    identity_spread: torch.Tensor | None = None
+    topk_spread: torch.Tensor | None = None
+    expression_spread: torch.Tensor | None = None
+    top_k: int = 0
+    chosen_index: list[int] | None = None  # expressions chosen far apart (indices into M)
+    chosen_vertices: torch.Tensor | None = None  # (C, V, 3) their meshes
+    expression_mean: torch.Tensor | None = None  # (V, 3) the mean of the M expression meshes
+    #: JSON-ready summary of the three spreads (mean, p95, max, per region), mm
+    uncertainty: dict | None = None
 
 
 class Reconstructor:
@@ -67,10 +80,16 @@ class Reconstructor:
         flame_id: FLAME layer for identities (``n_exp`` any).
         flame_exp: FLAME layer with ExpGen's ``n_exp`` expression coefficients.
         cfg: the sampling settings.
+        regions: vertex regions of the uncertainty summary (:func:`ofer.uncertainty.load_regions`).
     """
 
+    #: expression meshes decoded per FLAME call (bounds the memory of the M hypotheses)
+    FLAME_CHUNK = 512
+
     def __init__(self, idgen: ConditionedModel, idrank: ConditionedModel, expgen: ConditionedModel,
-                 flame_id: nn.Module, flame_exp: nn.Module, cfg: SampleConfig, device: torch.device) -> None:
+                 flame_id: nn.Module, flame_exp: nn.Module, cfg: SampleConfig, device: torch.device,
+                 regions: dict | None = None) -> None:
+        self.regions = regions
         self.idgen, self.idrank, self.expgen = idgen, idrank, expgen
         self.models = {"idgen": idgen, "idrank": idrank, "expgen": expgen}
         self.flame_id, self.flame_exp = flame_id, flame_exp
@@ -121,8 +140,15 @@ class Reconstructor:
         flame_exp = FLAME(model_path, None, n_shape=n_shape, n_exp=expgen.head.n_exp)
         if cfg.batch1_quirk:
             idrank.arcface.skip_bn1d_for_batch1 = True
+        masks = resolve_path(root, cfg.uncertainty.masks_path)
+        regions = None
+        if masks is not None and masks.is_file():
+            try:
+                regions = load_regions(masks, flame_id.num_vertices)
+            except AssetError as exc:
+                raise AssetError(f"config key 'uncertainty.masks_path': {exc}") from exc
         mods = [m.to(device).eval() for m in (idgen, idrank, expgen, flame_id, flame_exp)]
-        return cls(*mods[:3], *mods[3:], cfg=cfg, device=device)
+        return cls(*mods[:3], *mods[3:], cfg=cfg, device=device, regions=regions)
 
     # ------------------------------------------------------------------------------
     def _encode(self, arcface_x: torch.Tensor, farl_rgb: torch.Tensor, timer: dict) -> dict[str, torch.Tensor]:
@@ -201,26 +227,39 @@ class Reconstructor:
         t0 = time.perf_counter()
         b_idx = torch.arange(B, device=self.device)
         best_shape = shapes[b_idx, best]  # (B, n_shape)
-        S = cfg.save_expressions
-        exp_verts = None
-        if S:
-            exp_verts = self.flame_exp(
-                shape_coeffs=best_shape.repeat_interleave(S, dim=0),
-                exp_coeffs=exp_coeffs[:, :S].reshape(B * S, -1),
-                jaw_pose=jaw[:, :S].reshape(B * S, 3),
-            ).vertices.reshape(B, S, -1, 3)
+        # all M expressions of every image, (B, M, V, 3), decoded in chunks
+        rows = torch.arange(B * M, device=self.device)
+        sh, ex, jw = best_shape.repeat_interleave(M, dim=0), exp_coeffs.reshape(B * M, -1), jaw.reshape(B * M, 3)
+        exp_verts = torch.cat([self.flame_exp(shape_coeffs=sh[c], exp_coeffs=ex[c], jaw_pose=jw[c]).vertices
+                               for c in rows.split(self.FLAME_CHUNK)]).reshape(B, M, -1, 3)
         sync()
         timer["flame"] += time.perf_counter() - t0
 
+        # the spread of the hypotheses, in mm
+        k = min(cfg.uncertainty.top_k, N)
+        top = scores.topk(k, dim=1).indices  # (B, k)
+        id_spread = vertex_spread(verts.float()) * 1000.0  # (B, V)
+        top_spread = vertex_spread(verts[b_idx[:, None], top].float()) * 1000.0
+        exp_spread = vertex_spread(exp_verts.float()) * 1000.0
+        S = cfg.save_expressions
+
         results = []
         for i in range(B):
+            chosen = select_far_apart(exp_verts[i], cfg.chosen_expressions)
+            spreads = {"identity": id_spread[i].cpu(), "identity_top_k": top_spread[i].cpu(),
+                       "expression": exp_spread[i].cpu()}
+            summary = {"units": "mm", "top_k": k, "n_identities": N, "n_expressions": M}
+            summary.update({name: summarize(v.numpy(), self.regions) for name, v in spreads.items()})
             results.append(ImageResult(
                 shape_coeffs=shapes[i].cpu(), scores=scores[i].float().cpu(), ranked_index=int(best[i]),
                 identity_vertices=verts[i, best[i]].cpu(), worst_vertices=verts[i, worst[i]].cpu(),
                 landmarks68=out.landmarks68.reshape(B, N, 68, 3)[i, best[i]].cpu(),
                 landmarks7=out.landmarks7.reshape(B, N, 7, 3)[i, best[i]].cpu(),
                 exp_coeffs=exp_coeffs[i].cpu(), jaw_pose=jaw[i].cpu(),
-                expression_vertices=(exp_verts[i].cpu() if exp_verts is not None
-                                     else torch.zeros(0, verts.shape[2], 3)),
+                expression_vertices=exp_verts[i, :S].cpu(),
+                identity_spread=spreads["identity"], topk_spread=spreads["identity_top_k"],
+                expression_spread=spreads["expression"], top_k=k, chosen_index=chosen,
+                chosen_vertices=exp_verts[i, chosen].cpu(), expression_mean=exp_verts[i].mean(0).cpu(),
+                uncertainty=summary,
             ))
         return results

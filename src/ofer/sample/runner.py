@@ -50,47 +50,71 @@ RESULT_FILE = "result.json"
 # Writing one image's outputs
 # ----------------------------------------------------------------------------------------
 def write_image_outputs(out_dir: Path, res: ImageResult, faces: np.ndarray, cfg: SampleConfig,
-                        crop: np.ndarray | None, meta: dict) -> None:
-    """Write one image's folder; ``result.json`` goes last, so its presence marks completion."""
+                        crop: np.ndarray | None, meta: dict, face: Any = None) -> None:
+    """Write one image's folder; ``result.json`` goes last, so its presence marks completion.
+
+    ``face``: the :class:`~ofer.data.images.PreparedFace` (its file and keypoints go into the
+    preview's first cell).
+    """
+    from .export import SPREADS, export_image, write_spread_meshes
+    from .preview import spread_scale
+
     out_dir.mkdir(parents=True, exist_ok=True)
     ext = cfg.mesh_format
     write_mesh(out_dir / f"identity.{ext}", res.identity_vertices, faces, unit="mm")
     for k in range(res.expression_vertices.shape[0]):
         write_mesh(out_dir / "expressions" / f"expression_{k:03d}.{ext}", res.expression_vertices[k], faces, unit="mm")
+    spreads = {}
+    if res.identity_spread is not None:
+        spreads = {"identity": res.identity_spread.numpy(), "identity_top_k": res.topk_spread.numpy(),
+                   "expression": res.expression_spread.numpy()}
+    extra = {SPREADS[n][0]: v.astype(np.float32) for n, v in spreads.items()}
+    if res.chosen_index is not None:
+        extra.update(chosen_index=np.asarray(res.chosen_index, np.int64), top_k=np.int64(res.top_k))
     write_npz(out_dir / "samples.npz", shape_coeffs=res.shape_coeffs.numpy().astype(np.float32),
               scores=res.scores.numpy(), ranked_index=np.int64(res.ranked_index),
               exp_coeffs=res.exp_coeffs.numpy().astype(np.float32), jaw_pose=res.jaw_pose.numpy().astype(np.float32),
-              seed=np.int64(cfg.seed), image_index=np.int64(meta["image_index"]))
+              seed=np.int64(cfg.seed), image_index=np.int64(meta["image_index"]), **extra)
     write_landmarks(out_dir / "landmarks68.npy", res.landmarks68, unit="mm")
     write_landmarks(out_dir / "landmarks7.npy", res.landmarks7, unit="mm")
+    meta = dict(meta)
+    if spreads:
+        scales = {n: spread_scale(v, cfg.uncertainty.scale_mm) for n, v in spreads.items()}
+        unc = dict(res.uncertainty or {})
+        unc["chosen_expressions"] = list(res.chosen_index or [])
+        unc["color_scale_mm"] = scales
+        if cfg.uncertainty.meshes:
+            unc["meshes"] = {n: f"uncertainty/{f}" for n, f in write_spread_meshes(
+                out_dir / "uncertainty", res.identity_vertices, faces, spreads, scales, ext).items()}
+        meta["uncertainty"] = unc
+    if cfg.export:
+        meta["exports"] = [f"export/{f}" for f in export_image(
+            out_dir / "export", cfg.export, shape_coeffs=res.shape_coeffs[res.ranked_index].numpy(),
+            exp_coeffs=res.exp_coeffs.numpy(), jaw_pose=res.jaw_pose.numpy(), chosen_index=res.chosen_index or [],
+            identity_vertices=res.identity_vertices, chosen_vertices=res.chosen_vertices, faces=faces)]
     if cfg.preview and crop is not None:
-        _write_preview(out_dir / "preview.png", res, faces, crop)
+        _write_preview(out_dir / "preview.png", res, faces, crop, face, cfg, meta.get("image"))
     write_json(out_dir / RESULT_FILE, meta)
 
 
-def _write_preview(path: Path, res: ImageResult, faces: np.ndarray, crop: np.ndarray) -> None:
-    """Input crop, best- and worst-ranked identities, then up to 8 expressions."""
+def _write_preview(path: Path, res: ImageResult, faces: np.ndarray, crop: np.ndarray, face: Any = None,
+                   cfg: SampleConfig | None = None, title: str | None = None) -> None:
+    """One row (:func:`ofer.sample.preview.method_preview`): input with its 5 points, face crop,
+    ranked identity, identity spread, far-apart expressions, expression spread, colour scale."""
     from PIL import Image
 
-    from ..render import image_grid, render_mesh_preview
+    from .preview import method_preview
 
-    size = 192
-    cells = [np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR))]
-    labels = ["input"]
-    meshes = [res.identity_vertices, res.worst_vertices]
-    labels += [f"ranked #{res.ranked_index}", "lowest score"]
-    for k in range(min(8, res.expression_vertices.shape[0])):
-        meshes.append(res.expression_vertices[k])
-        labels.append(f"expression {k}")
-    # float32 and one thread: the rasteriser works on many small tensors, where a second
-    # thread costs more than it brings (and competes with the sampling for the cores)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cells += [render_mesh_preview(m.float().numpy(), faces, size=size, supersample=1) for m in meshes]
-    finally:
-        torch.set_num_threads(threads)
-    grid = image_grid(cells, ncols=min(len(cells), 6) if len(cells) > 3 else 3, labels=labels)
+    image = kps = None
+    if face is not None and getattr(face, "path", None) is not None:
+        from ..data.images import read_image
+
+        try:
+            image, kps = read_image(face.path), face.kps
+        except OferError:
+            image = kps = None
+    grid = method_preview(res, faces, crop, image, kps, scale_mm=cfg.uncertainty.scale_mm if cfg else None,
+                          title=title)
     buf = io.BytesIO()
     Image.fromarray(grid).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
@@ -285,7 +309,7 @@ def reconstruct_batch(batch: list[Job], rec: Reconstructor, cfg: SampleConfig, o
                 "seed": cfg.seed, "n_identities": cfg.n_identities, "n_expressions": cfg.n_expressions,
                 "units": "mm"}
         try:
-            write_image_outputs(output / j.rel, res, faces, cfg, j.face.farl_crop, meta)
+            write_image_outputs(output / j.rel, res, faces, cfg, j.face.farl_crop, meta, face=j.face)
         except OSError as exc:
             # an unfinished folder is worth nothing (no result.json): free its space
             shutil.rmtree(output / j.rel, ignore_errors=True)
@@ -367,6 +391,10 @@ def settings_of(cfg: SampleConfig) -> dict:
         "save_expressions": cfg.save_expressions, "samplers": {w: list(cfg.sampler(w)) for w in ("idgen", "expgen")},
         "jaw_scale": cfg.jaw_scale, "ranker_batch1_quirk": cfg.batch1_quirk, "channel_order": cfg.channel_order,
         "aligned": cfg.aligned, "use_sidecar": cfg.use_sidecar, "mesh_format": cfg.mesh_format,
+        "chosen_expressions": cfg.chosen_expressions, "export": list(cfg.export),
+        "uncertainty": {"top_k": cfg.uncertainty.top_k, "meshes": cfg.uncertainty.meshes,
+                        "scale_mm": cfg.uncertainty.scale_mm,
+                        "masks": _file_id(resolve_path(root, cfg.uncertainty.masks_path))},
         "detector": config_to_dict(cfg.detector),
         "checkpoints": {k: _file_id(resolve_path(root, getattr(ck, k)))
                         for k in ("idgen", "expgen", "idrank", "ranker_vertex_indices")},
@@ -412,8 +440,10 @@ def run(cfg: SampleConfig, input_path: str | os.PathLike, output: str | os.PathL
 
     Per image ``<output>/<relative path without suffix>/``: ``identity.<ext>`` (ranked,
     neutral, mm), ``expressions/expression_XXX.<ext>`` (mm), ``samples.npz`` (all sampled
-    coefficients, ranker scores, ``ranked_index``), ``landmarks68.npy`` / ``landmarks7.npy``
-    (mm, NoW-ready), ``preview.png`` and ``result.json`` (written last). Images whose
+    coefficients, ranker scores, ``ranked_index``, the per-vertex spreads in mm),
+    ``uncertainty/`` (the ranked identity coloured by each spread), ``export/`` (the
+    ``export`` formats), ``landmarks68.npy`` / ``landmarks7.npy`` (mm, NoW-ready),
+    ``preview.png`` and ``result.json`` (written last, with the spread summary). Images whose
     ``result.json`` exists are skipped (unless ``overwrite``). Bad images are reported and
     skipped. Under ``torchrun`` images are sharded by rank; rank 0 merges the summaries.
     ``detector``: a detector object to use instead of the one ``detector.*`` names.

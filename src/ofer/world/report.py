@@ -15,7 +15,14 @@ Reads ``sample.py`` outputs for the world's held-out test images and their groun
   difference, reported beside it, adds the noise of one pick among N;
 * expression diversity: per-vertex standard deviation of the M sampled expressions on the
   lips region (mm), paired: the renders of a scene whose mouth is occluded against those of
-  the same scene whose mouth is visible.
+  the same scene whose mouth is visible;
+* the expression spread as an occlusion signal (:func:`occlusion_auc`): on every render with
+  an occluder, the area under the ROC curve of the per-vertex spread of the M expressions
+  (:func:`ofer.uncertainty.vertex_spread`) for "this vertex is hidden by the occluder", over
+  the vertices the render shows; once from the spread itself and once from its increase over
+  the clean render of the same scene (which removes where expressions move anyway), each
+  tested against chance (0.5); and the lips spread of the face-mask render against the clean
+  render of the same scene.
 
 Pairing removes what varies between scenes (identity, expression, pose, light), so a few
 dozen scenes show an effect that the same number of unrelated images would hide. Each check
@@ -37,8 +44,9 @@ import numpy as np
 import torch
 
 from ..errors import OferError
+from ..uncertainty import roc_auc, vertex_spread
 
-__all__ = ["world_report", "format_report", "spearman", "paired_test", "ALPHA", "CHECK_P"]
+__all__ = ["world_report", "format_report", "spearman", "paired_test", "occlusion_auc", "ALPHA", "CHECK_P"]
 
 #: a check holds when its effect is positive and its one-sided paired test gives p < ALPHA
 ALPHA = 0.05
@@ -99,6 +107,60 @@ def paired_test(diffs: np.ndarray, resamples: int = 20000, seed: int = 0) -> flo
     return float((hits + 1) / (resamples + 1))
 
 
+def occlusion_auc(spread: np.ndarray, in_render: np.ndarray, visible: np.ndarray) -> float:
+    """AUC of ``spread`` (V,) for "hidden by the occluder" (``in_render`` and not ``visible``)
+    over the vertices the render shows (``in_render``); nan unless both kinds are there."""
+    seen = np.asarray(in_render, bool)
+    hidden = seen & ~np.asarray(visible, bool)
+    return roc_auc(np.asarray(spread, np.float64)[seen], hidden[seen])
+
+
+def _spread_measures(per_image: list[dict], spreads: dict[str, np.ndarray], visibility: dict) -> dict[str, Any]:
+    """The occlusion AUCs (added to ``per_image``) and the face-mask lips comparison."""
+    clean_of = {r["scene"]: r["image"] for r in per_image if r["variant"] == "clean"}
+    for r in per_image:
+        auc = auc_clean = None
+        if r["variant"] != "clean":
+            a = occlusion_auc(spreads[r["image"]], *visibility[r["image"]])
+            auc = None if np.isnan(a) else a
+            twin = clean_of.get(r["scene"])
+            if auc is not None and twin is not None:
+                auc_clean = occlusion_auc(spreads[r["image"]] - spreads[twin], *visibility[r["image"]])
+        r["spread_auc_occluded"] = auc
+        r["spread_increase_auc_occluded"] = auc_clean
+    aucs = np.array([r["spread_auc_occluded"] for r in per_image if r["spread_auc_occluded"] is not None])
+    incs = np.array([r["spread_increase_auc_occluded"] for r in per_image
+                     if r["spread_increase_auc_occluded"] is not None])
+    by_variant = {}
+    for v in sorted({r["variant"] for r in per_image} - {"clean"}):
+        a = [r["spread_auc_occluded"] for r in per_image if r["variant"] == v and r["spread_auc_occluded"] is not None]
+        by_variant[v] = float(np.mean(a)) if a else float("nan")
+    lips = {(r["scene"], r["variant"]): r["lips_expression_std_mm"] for r in per_image}
+    masked = [(lips[(sc, "mouth")], lips[(sc, "clean")]) for sc, v in lips if v == "mouth" and (sc, "clean") in lips]
+    m = np.array(masked).reshape(-1, 2)
+
+    def mean(a):
+        return float(np.mean(a)) if len(a) else float("nan")
+
+    return {
+        "spread_auc_images": int(len(aucs)),
+        "spread_auc_occluded": mean(aucs),
+        "spread_auc_occluded_by_variant": by_variant,
+        "spread_auc_above_chance_fraction": mean(aucs > 0.5),
+        "spread_auc_p": paired_test(aucs - 0.5),
+        "spread_increase_auc_images": int(len(incs)),
+        "spread_increase_auc_occluded": mean(incs),
+        "spread_increase_auc_above_chance_fraction": mean(incs > 0.5),
+        "spread_increase_auc_p": paired_test(incs - 0.5),
+        "face_mask_pairs": int(len(m)),
+        "lips_spread_face_mask_mm": mean(m[:, 0]),
+        "lips_spread_clean_mm": mean(m[:, 1]),
+        "lips_spread_face_mask_increase_mm": mean(m[:, 0] - m[:, 1]),
+        "lips_spread_face_mask_increase_fraction": mean(m[:, 0] > m[:, 1]),
+        "face_mask_p": paired_test(m[:, 0] - m[:, 1]),
+    }
+
+
 def world_report(samples_dir: str | Path, world_dir: str | Path, device: str = "cpu") -> dict[str, Any]:
     """Metrics of a ``sample.py`` run on ``<world>/test/images`` (see the module docstring)."""
     from ..flame import FLAME
@@ -113,6 +175,8 @@ def world_report(samples_dir: str | Path, world_dir: str | Path, device: str = "
     face, lips = np.asarray(masks["face"]), np.asarray(masks["lips"])
     flame = None
     per_image = []
+    spreads: dict[str, np.ndarray] = {}
+    visibility: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for gt_path in sorted(gt_dir.glob("*.npz")):
         name = gt_path.stem
         s_path = samples_dir / name / "samples.npz"
@@ -142,6 +206,8 @@ def world_report(samples_dir: str | Path, world_dir: str | Path, device: str = "
         ranked = int(s["ranked_index"])
         lip = exp_v[:, lips]
         diversity = float(np.sqrt(((lip - lip.mean(0)) ** 2).sum(-1).mean(0)).mean() * 1000.0)
+        spreads[name] = vertex_spread(exp_v) * 1000.0
+        visibility[name] = (gt["vertex_in_render"], gt["vertex_visible"])
         per_image.append({
             "image": name,
             "scene": str(gt["scene"]) if "scene" in gt else name,
@@ -212,6 +278,7 @@ def world_report(samples_dir: str | Path, world_dir: str | Path, device: str = "
         "images_mouth_occluded": int(mouth.sum()),
         "alpha": ALPHA,
     }
+    summary.update(_spread_measures(per_image, spreads, visibility))
     summary.update({CHECK_P[k]: paired_test(d) for k, d in effects.items()})
     # a positive effect, unlikely to be chance
     summary["checks"] = {k: bool(mean(effects[k]) > 0 and summary[p] < ALPHA) for k, p in CHECK_P.items()}
@@ -256,6 +323,21 @@ def format_report(rep: dict[str, Any]) -> str:
         f"rendered both ways, covering the mouth adds {s['lips_expression_std_increase_mm']:.3f} mm "
         f"(on {100 * s['lips_expression_std_increase_fraction']:.0f}% of them, paired test p = "
         f"{s['mouth_p']:.2g}).",
+        "",
+        f"Expression spread as an occlusion signal (per-vertex spread of the M ExpGen samples, "
+        f"area under the ROC curve for \"hidden by the occluder\" over the vertices each render "
+        f"shows; 0.5 = chance): {s['spread_auc_occluded']:.3f} on {s['spread_auc_images']} renders with an "
+        f"occluder ("
+        + ", ".join(f"{k} {v:.3f}" for k, v in s["spread_auc_occluded_by_variant"].items())
+        + f"; above 0.5 on {100 * s['spread_auc_above_chance_fraction']:.0f}% of them, test against "
+        f"chance p = {s['spread_auc_p']:.2g}); from the spread's increase over the clean render of the "
+        f"same scene {s['spread_increase_auc_occluded']:.3f} (above 0.5 on "
+        f"{100 * s['spread_increase_auc_above_chance_fraction']:.0f}%, p = {s['spread_increase_auc_p']:.2g}). "
+        f"Lips spread with a face mask {s['lips_spread_face_mask_mm']:.3f} mm vs "
+        f"{s['lips_spread_clean_mm']:.3f} mm clean on {s['face_mask_pairs']} scenes (the mask adds "
+        f"{s['lips_spread_face_mask_increase_mm']:.3f} mm, on "
+        f"{100 * s['lips_spread_face_mask_increase_fraction']:.0f}% of them, paired test p = "
+        f"{s['face_mask_p']:.2g}).",
         "",
         f"A check holds when its effect is positive with a one-sided paired randomisation test "
         f"p < {s['alpha']:g}.",
