@@ -136,17 +136,19 @@ def test_landmark_embedding_round_trip_without_torch_unpickling(synthetic_flame_
 
 
 def test_landmark_embedding_strided_tensor(tmp_path):
-    t = torch.arange(24, dtype=torch.float32).reshape(4, 6)[:, 1::2].t()  # non-contiguous view
-    lmk = {k: np.zeros((1,)) for k in ("static_lmk_faces_idx", "static_lmk_bary_coords", "full_lmk_faces_idx",
-                                         "full_lmk_bary_coords")}
-    lmk["dynamic_lmk_faces_idx"] = torch.arange(6).reshape(2, 3)
-    lmk["dynamic_lmk_bary_coords"] = t
+    # non-contiguous views: a permutation with an offset, and a transposed slice
+    t = torch.arange(2 * 3 * 17 * 79, dtype=torch.float32).reshape(2, 3, 17, 79)[1].permute(2, 1, 0)
+    idx = torch.arange(17 * 160).reshape(17, 160)[:, 1::2].t()[:79]
+    lmk = {"static_lmk_faces_idx": np.zeros(51, np.int64), "static_lmk_bary_coords": np.zeros((51, 3)),
+           "full_lmk_faces_idx": np.zeros((1, 68), np.int64), "full_lmk_bary_coords": np.zeros((1, 68, 3)),
+           "dynamic_lmk_faces_idx": idx, "dynamic_lmk_bary_coords": t}
+    assert not t.is_contiguous() and t.storage_offset() > 0 and not idx.is_contiguous()
     arr = np.empty((), dtype=object)
     arr[()] = lmk
     np.save(tmp_path / "l.npy", arr, allow_pickle=True)
     got = load_landmark_embedding(tmp_path / "l.npy")
     np.testing.assert_array_equal(got["dynamic_lmk_bary_coords"], t.numpy())
-    np.testing.assert_array_equal(got["dynamic_lmk_faces_idx"], np.arange(6).reshape(2, 3))
+    np.testing.assert_array_equal(got["dynamic_lmk_faces_idx"], idx.numpy())
 
 
 def test_synthetic_model_is_head_like(model):
