@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -183,14 +185,12 @@ def test_non_finite_floats_are_refused_with_the_key(override):
         load_config(IdGenTrainConfig, None, [override])
 
 
+@dataclass
+class Scaled:
+    scale: Optional[float] = None
+
+
 def test_non_finite_in_a_file_and_in_an_optional_float(tmp_path):
-    from dataclasses import dataclass
-    from typing import Optional
-
-    @dataclass
-    class Scaled:
-        scale: Optional[float] = None
-
     (tmp_path / "c.yaml").write_text("diffusion:\n  lr: .inf\n")
     with pytest.raises(ConfigError, match="'diffusion.lr' must be a finite number"):
         load_config(IdGenTrainConfig, tmp_path / "c.yaml")
