@@ -368,3 +368,12 @@ def test_truncated_and_corrupt_torch_streams_are_one_line_errors(tmp_path):
         with pytest.raises((AssetError, UnsafePickleError)) as excinfo:
             safe_load_pickle(tmp_path / f"c{i}.pkl")
         one_line_error(excinfo)
+
+
+def test_zero_size_items_do_not_make_huge_arrays_free(tmp_path):
+    body = (b"\x80\x02" + g("numpy._core.multiarray", "_reconstruct")
+            + p_tuple(g("numpy", "ndarray"), p_tuple(p_int(2**40)),
+                      g("numpy", "dtype") + p_tuple(pickle.dumps("V0", protocol=2)[2:-1]) + b"R") + b"R.")
+    (tmp_path / "v0.pkl").write_bytes(body)
+    with pytest.raises(UnsafePickleError):
+        safe_load_pickle(tmp_path / "v0.pkl")

@@ -373,7 +373,7 @@ def _shape_bytes(shape: Any, dtype: np.dtype, what: str) -> int:
     for d in dims:
         if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) or d < 0:
             raise UnsafePickleError(f"{what}: invalid shape {_brief(shape)}")
-    return math.prod(int(d) for d in dims) * dtype.itemsize
+    return math.prod(int(d) for d in dims) * max(dtype.itemsize, 1)  # zero-size items count as 1
 
 
 def _np_reconstruct(up: "SafeUnpickler", cls: Any, shape: Any, dtype: Any) -> np.ndarray:
@@ -514,7 +514,10 @@ def _allowed_global(module: str, name: str) -> Any:
 def _callable_name(func: Any) -> str:
     if isinstance(func, _Guarded):
         return func.name
-    return getattr(func, "__qualname__", None) or type(func).__name__
+    if isinstance(func, (_NdarrayClass, _StorageType)):
+        return repr(func) if isinstance(func, _NdarrayClass) else f"torch.{func.name}"
+    name = getattr(func, "__qualname__", None)
+    return (name if isinstance(name, str) else type(func).__name__)[:80]
 
 
 def _array_state_bytes(state: Any) -> int:
@@ -625,16 +628,16 @@ class SafeUnpickler(pickle._Unpickler):
             return func()
         if func is object or func is slice:
             return func(*args)
-        raise UnsafePickleError(f"refused to call {_brief(_callable_name(func))} from a pickle")
+        raise UnsafePickleError(f"refused to call {_callable_name(func)} from a pickle")
 
     def _new(self, cls: Any, args: Any, kwargs: Any = None) -> Any:
         if not isinstance(cls, type) or kwargs:
-            raise UnsafePickleError(f"refused to create {_brief(_callable_name(cls))} from a pickle")
+            raise UnsafePickleError(f"refused to create {_callable_name(cls)} from a pickle")
         if issubclass(cls, ChumpyStub):
             return cls.__new__(cls)
         if (cls is object or cls in _SPARSE_CLASSES) and args == ():
             return object.__new__(cls)
-        raise UnsafePickleError(f"refused to create {_brief(_callable_name(cls))} from a pickle")
+        raise UnsafePickleError(f"refused to create {_callable_name(cls)} from a pickle")
 
     def load_reduce(self) -> None:
         args = self.stack.pop()
