@@ -216,7 +216,8 @@ class _LegacyStorage:
 
 
 def _storage_key(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or (
+            isinstance(value, int) and value.bit_length() > 64) or (isinstance(value, str) and len(value) > 256):
         raise UnsafePickleError(f"torch stream: storage key must be a string or an integer, got {_brief(value)}")
     return str(value)
 
