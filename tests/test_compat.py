@@ -241,3 +241,83 @@ def test_cli_converts_and_reports(tmp_path, capsys):
     assert main(["--kind", "idgen", str(tmp_path / "in.tar"), str(tmp_path / "o2.pt")]) == 1
     assert "expected idgen" in capsys.readouterr().err
     assert not (tmp_path / "o2.pt").exists()
+
+
+# ------------------------------------------------------------------ non-finite and odd values
+def _poison(sd, key, value=float("nan")):
+    t = sd[key].clone()
+    t.view(-1)[0] = value
+    sd[key] = t
+
+
+@pytest.mark.parametrize("entry", ["net", "diffusion", "var_sched", "arcface", "farl"])
+def test_non_finite_official_weights_are_refused_naming_file_and_tensor(tmp_path, capsys, entry):
+    path = tmp_path / "in.tar"
+    ckpt = official_denoiser_file(path)
+    key = sorted(k for k, v in ckpt[entry].items() if v.is_floating_point())[0]
+    _poison(ckpt[entry], key, float("inf") if entry == "farl" else float("nan"))
+    torch.save(ckpt, path)
+    for load in (lambda: import_official(path, "expgen", qkv_replay="unet"),
+                 lambda: load_checkpoint(path), lambda: ofer.models.load_model(path)):
+        with pytest.raises(CheckpointError, match="NaN or infinite") as excinfo:
+            load()
+        assert f"'{entry}/{key}'" in str(excinfo.value) and str(path) in str(excinfo.value)
+    assert main(["--kind", "expgen", "--qkv-replay", "unet", str(path), str(tmp_path / "out.pt")]) != 0
+    assert f"{entry}/{key}" in capsys.readouterr().err
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_non_finite_weights_of_our_formats_are_refused(tmp_path):
+    torch.manual_seed(0)
+    m = IdGen(param_dim=12, cond_dim=8, dims=(12, 6, 4))
+    export_checkpoint(m, tmp_path / "e.pt", encoders={"arcface": {"w": torch.ones(2)}})
+    raw = torch.load(tmp_path / "e.pt", weights_only=True)
+    _poison(raw["model"], "net.init_conv.weight")
+    torch.save(raw, tmp_path / "bad_model.pt")
+    with pytest.raises(CheckpointError, match=r"'model/net\.init_conv\.weight' holds NaN"):
+        load_checkpoint(tmp_path / "bad_model.pt")
+    raw = torch.load(tmp_path / "e.pt", weights_only=True)
+    _poison(raw["arcface"], "w", float("-inf"))
+    torch.save(raw, tmp_path / "bad_enc.pt")
+    with pytest.raises(CheckpointError, match=r"'arcface/w'"):
+        load_checkpoint(tmp_path / "bad_enc.pt")
+    # a training checkpoint: the weights used (EMA by default) are checked before anything is built
+    sd = {f"head.{k}": v for k, v in m.state_dict().items()}
+    ema = dict(sd)
+    _poison(ema, "head.net.init_conv.bias")
+    torch.save({"model": sd, "ema": ema, "config": {}, "kind": "idgen", "step": 3}, tmp_path / "t.pt")
+    for load in (lambda: ofer.models.load_trained_model(tmp_path / "t.pt", "idgen"),
+                 lambda: ofer.models.load_model(tmp_path / "t.pt"), lambda: load_checkpoint(tmp_path / "t.pt")):
+        with pytest.raises(CheckpointError, match=r"'ema/head\.net\.init_conv\.bias' holds NaN"):
+            load()
+
+
+@pytest.mark.parametrize("value", ["python ints", "int tensors", "strings", "scalars"])
+def test_var_sched_of_other_types_is_a_clean_error(tmp_path, capsys, value):
+    path = tmp_path / "in.tar"
+    ckpt = official_denoiser_file(path)
+    sched = ckpt["var_sched"]
+    ckpt["var_sched"] = {k: {"python ints": 0, "int tensors": v.round().long(), "strings": "x",
+                             "scalars": v.double().mean()}[value] for k, v in sched.items()}
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="'var_sched' is not the linear") as excinfo:
+        import_official(path, "expgen", qkv_replay="unet")
+    assert "\n" not in str(excinfo.value)
+    assert main(["--kind", "expgen", "--qkv-replay", "unet", str(path), str(tmp_path / "o.pt")]) == 1
+    assert "var_sched" in capsys.readouterr().err
+
+
+def test_var_sched_equal_in_value_is_accepted(tmp_path):
+    path = tmp_path / "in.tar"
+    ckpt = official_denoiser_file(path)
+    ckpt["var_sched"] = {k: v.double().tolist() for k, v in ckpt["var_sched"].items()}  # plain lists
+    torch.save(ckpt, path)
+    assert "17 buffers match" in import_official(path, "expgen", qkv_replay="unet").report.schedule
+
+
+def test_cli_output_under_a_file_is_a_clean_error(tmp_path, capsys):
+    official_denoiser_file(tmp_path / "in.tar")
+    (tmp_path / "file").write_text("x")
+    assert main(["--kind", "expgen", "--qkv-replay", "unet", str(tmp_path / "in.tar"),
+                 str(tmp_path / "file" / "out.pt")]) == 1
+    assert "cannot write" in capsys.readouterr().err

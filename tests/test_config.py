@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -171,3 +173,43 @@ def _leaves(node):
             yield from _leaves(v)
     else:
         yield node
+
+
+@pytest.mark.parametrize("override", ["diffusion.lr=.inf", "diffusion.lr=-.inf", "diffusion.lr=.nan",
+                                      "diffusion.lr=1e999", "arcface.lr=inf", "diffusion.cond_scale=nan",
+                                      "optim.grad_clip=.inf", "data.occlusion.area=[0.1, .inf]",
+                                      "diffusion.target_mean=[0.0, .nan]"])
+def test_non_finite_floats_are_refused_with_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"'{key}(\[\d\])?' must be a finite number"):
+        load_config(IdGenTrainConfig, None, [override])
+
+
+@dataclass
+class Scaled:
+    scale: Optional[float] = None
+
+
+def test_non_finite_in_a_file_and_in_an_optional_float(tmp_path):
+    (tmp_path / "c.yaml").write_text("diffusion:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match="'diffusion.lr' must be a finite number"):
+        load_config(IdGenTrainConfig, tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="'scale' must be a finite number"):
+        load_config(Scaled, None, ["scale=.inf"])
+    assert load_config(Scaled, None, ["scale=null"]).scale is None
+    assert load_config(IdGenTrainConfig, None, ["diffusion.lr=2e-4"]).diffusion.lr == 2e-4
+
+
+def test_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("run_dir: runs/caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(IdGenTrainConfig, path)
+    assert str(path) in str(excinfo.value) and "UTF-8" in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
+    path.write_bytes("\ufeffrun_dir: runs/caf\xe9\n".encode("utf-8"))  # a byte-order mark is fine
+    assert load_config(IdGenTrainConfig, path).run_dir == "runs/caf\xe9"
+    folder = tmp_path / "dir.yaml"
+    folder.mkdir()
+    with pytest.raises(ConfigError):
+        load_config(IdGenTrainConfig, folder)

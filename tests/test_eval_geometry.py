@@ -260,3 +260,13 @@ def test_dogleg_stops_on_relative_improvement_and_does_not_increase_cost(small_h
     assert np.sum(d1 ** 2) < np.sum(d0 ** 2)
     assert res.stop in ("relative improvement < e_3", "gradient", "small step", "trust region too small")
     assert res.iterations <= 200
+
+
+def test_obj_keywords_followed_by_tabs_or_several_spaces(tmp_path):
+    from ofer.eval.geometry import read_mesh
+
+    text = "# tabs and runs of spaces\nv\t0 0 0\nv   1 0 0\nv \t0 1 0\nvt 0.5 0.5\nvn 0 0 1\nf\t1 2 3\nf  3 2 1\n"
+    (tmp_path / "t.obj").write_text(text)
+    V, F = read_mesh(tmp_path / "t.obj")
+    np.testing.assert_array_equal(V, [[0, 0, 0], [1, 0, 0], [0, 1, 0]])
+    np.testing.assert_array_equal(F, [[0, 1, 2], [2, 1, 0]])

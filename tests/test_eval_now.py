@@ -11,7 +11,7 @@ from ofer.errors import OferError
 from ofer.eval.geometry import rodrigues
 from ofer.io import write_mesh
 from ofer.eval.now import (NowError, compute_crop, crop_scan, cumulative_error_curve, evaluate_now, evaluate_scan,
-                           load_landmarks, load_pp, main, pooled_stats)
+                           load_landmarks, load_pp, main, pooled_stats, unit_warnings)
 from ofer.world.now_scans import head_landmarks, head_mesh, make_scan, write_now_dataset, write_pp
 
 NOISE = 0.25  # mm
@@ -304,3 +304,77 @@ def test_cli(tmp_path, head, capsys):
     assert len(err) == 1 and err[0].startswith("error: prediction folder not found")
     assert main(["--pred", str(pred), "--gt", str(gt), "--challenge", "smile"]) == 2
     assert "unknown challenge" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- faults and unit mix-ups
+
+
+def test_out_under_a_file_is_a_one_line_error(tmp_path, head, capsys):
+    gt, pred, lines = _dataset(tmp_path, head, n_img=1)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder\n")
+    for out in (blocker, blocker / "results", blocker / "a" / "b"):
+        with pytest.raises(NowError, match="file") as e:
+            evaluate_now(pred, gt, out_dir=out, quiet=True)
+        assert "\n" not in str(e.value)
+        assert main(["--pred", str(pred), "--gt", str(gt), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and str(blocker) in err[0]
+    with pytest.raises(NowError, match="--check-alignment"):
+        evaluate_now(pred, gt, out_dir=tmp_path / "ok", check_alignment_dir=blocker / "x", quiet=True)
+
+
+def test_image_list_with_a_byte_order_mark(tmp_path, head):
+    gt, pred, lines = _dataset(tmp_path, head, n_img=1)
+    listing = gt / "imagepathsvalidation.txt"
+    plain = evaluate_now(pred, gt, out_dir=tmp_path / "a", quiet=True)
+    listing.write_bytes(b"\xef\xbb\xbf" + listing.read_bytes())
+    bom = evaluate_now(pred, gt, out_dir=tmp_path / "b", quiet=True)
+    assert bom["num_missing_files"] == plain["num_missing_files"] == 1
+    assert bom["missing"] == plain["missing"] and bom["overall"] == plain["overall"]
+    listing.write_bytes("S01/multiview_neutral/IMG_\xe9.jpg\n".encode("latin-1"))
+    with pytest.raises(NowError, match="not UTF-8"):
+        evaluate_now(pred, gt, out_dir=tmp_path / "c", quiet=True)
+
+
+def _rewrite_landmarks(pred, lines, scale):
+    for ln in lines[:-1]:
+        p = pred / ln.replace(".jpg", ".npy")
+        np.save(p, np.load(p) * np.float32(scale))
+
+
+def test_landmarks_in_mm_beside_a_mesh_in_metres_warn(tmp_path, head, capsys):
+    gt, pred, lines = _dataset(tmp_path, head, n_img=1)
+    good = evaluate_now(pred, gt, out_dir=tmp_path / "a", quiet=True)
+    assert not any("units" in w for w in good["warnings"])
+    _rewrite_landmarks(pred, lines, 1000.0)  # landmarks now in mm, meshes still in metres
+    mixed = evaluate_now(pred, gt, out_dir=tmp_path / "b")
+    unit_lines = [w for w in mixed["warnings"] if "different units" in w]
+    assert len(unit_lines) == mixed["num_evaluated"]
+    assert all("about 1000: landmarks in mm" in w for w in unit_lines)
+    assert "different units" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["warnings"] == mixed["warnings"]
+    V, _, lmk = head
+    assert unit_warnings(V / 1000, lmk) and not unit_warnings(V, lmk) and unit_warnings(V, lmk / 1000)
+
+
+def test_metrical_unit_that_does_not_fit_the_mesh_warns(tmp_path, head):
+    gt, pred, lines = _dataset(tmp_path, head, n_img=1)  # meshes and landmarks in metres
+    right = evaluate_now(pred, gt, metrical=True, unit="m", out_dir=tmp_path / "a", quiet=True)
+    assert not any("--unit" in w for w in right["warnings"])
+    wrong = evaluate_now(pred, gt, metrical=True, unit="mm", out_dir=tmp_path / "b", quiet=True)
+    hits = [w for w in wrong["warnings"] if "--unit mm" in w]
+    assert len(hits) == wrong["num_evaluated"] and "not a head's" in hits[0]
+    assert wrong["overall"]["median"] > 10 * right["overall"]["median"]  # the reason for the warning
+    # non-metrical: the unit is not used, no such warning
+    assert not any("--unit" in w for w in evaluate_now(pred, gt, unit="mm", out_dir=tmp_path / "c",
+                                                        quiet=True)["warnings"])
+
+
+def test_identical_landmarks_are_an_error_not_a_reflection(head, scan):
+    V, F, lmk = head
+    sv, slmk, _ = scan
+    for same in (np.repeat(lmk[4:5], 7, axis=0).astype(np.float32), np.zeros((7, 3), np.float32)):
+        with pytest.raises(NowError, match="same point") as e:
+            evaluate_scan(sv, slmk, V, F, same, name="same.npy")
+        assert "reflection" not in str(e.value) and "same.npy" in str(e.value)

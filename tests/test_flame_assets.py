@@ -136,17 +136,19 @@ def test_landmark_embedding_round_trip_without_torch_unpickling(synthetic_flame_
 
 
 def test_landmark_embedding_strided_tensor(tmp_path):
-    t = torch.arange(24, dtype=torch.float32).reshape(4, 6)[:, 1::2].t()  # non-contiguous view
-    lmk = {k: np.zeros((1,)) for k in ("static_lmk_faces_idx", "static_lmk_bary_coords", "full_lmk_faces_idx",
-                                         "full_lmk_bary_coords")}
-    lmk["dynamic_lmk_faces_idx"] = torch.arange(6).reshape(2, 3)
-    lmk["dynamic_lmk_bary_coords"] = t
+    # non-contiguous views: a permutation with an offset, and a transposed slice
+    t = torch.arange(2 * 3 * 17 * 79, dtype=torch.float32).reshape(2, 3, 17, 79)[1].permute(2, 1, 0)
+    idx = torch.arange(17 * 160).reshape(17, 160)[:, 1::2].t()[:79]
+    lmk = {"static_lmk_faces_idx": np.zeros(51, np.int64), "static_lmk_bary_coords": np.zeros((51, 3)),
+           "full_lmk_faces_idx": np.zeros((1, 68), np.int64), "full_lmk_bary_coords": np.zeros((1, 68, 3)),
+           "dynamic_lmk_faces_idx": idx, "dynamic_lmk_bary_coords": t}
+    assert not t.is_contiguous() and t.storage_offset() > 0 and not idx.is_contiguous()
     arr = np.empty((), dtype=object)
     arr[()] = lmk
     np.save(tmp_path / "l.npy", arr, allow_pickle=True)
     got = load_landmark_embedding(tmp_path / "l.npy")
     np.testing.assert_array_equal(got["dynamic_lmk_bary_coords"], t.numpy())
-    np.testing.assert_array_equal(got["dynamic_lmk_faces_idx"], np.arange(6).reshape(2, 3))
+    np.testing.assert_array_equal(got["dynamic_lmk_faces_idx"], idx.numpy())
 
 
 def test_synthetic_model_is_head_like(model):
@@ -190,3 +192,68 @@ def test_synthetic_writer_is_deterministic(tmp_path):
     masks = safe_load_pickle(a.masks)
     assert {"face", "lips", "nose", "left_eyeball"} <= set(masks)
     assert masks["face"].dtype == np.int64 and masks["face"].size > 20
+
+
+# ------------------------------------------------------------------ values the loaders refuse
+@pytest.mark.parametrize("key,bad", [("v_template", np.nan), ("shapedirs", np.inf), ("posedirs", -np.inf),
+                                     ("weights", np.nan), ("J_regressor", np.inf)])
+def test_non_finite_flame_bases_are_refused_with_file_and_key(tmp_path, model, key, bad):
+    import scipy.sparse as sp
+
+    value = model[key].copy()
+    if sp.issparse(value):
+        value.data[3] = bad
+    else:
+        value.reshape(-1)[5] = bad
+    path = write_flame_pickle(tmp_path / "m.pkl", {**model, key: value})
+    for p in (path, export_npz_unchecked(tmp_path / "m.npz", {**model, key: value})):
+        with pytest.raises(AssetError, match=f"'{key}' holds NaN or infinite") as excinfo:
+            FLAME(p)
+        assert str(p) in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def export_npz_unchecked(path, model):
+    import scipy.sparse as sp
+
+    np.savez(path, **{k: (v.toarray() if sp.issparse(v) else v) for k, v in model.items()
+                      if k in ("v_template", "f", "shapedirs", "posedirs", "J_regressor", "kintree_table",
+                               "weights")})
+    return path
+
+
+def test_faces_and_kinematic_tree_out_of_range_are_one_line_errors(tmp_path, model):
+    n_v = model["v_template"].shape[0]
+    f = model["f"].astype(np.int64)
+    tree = np.asarray(model["kintree_table"]).copy()
+    tree_bad = tree.copy()
+    tree_bad[0, 2] = 4  # joint 2's parent after it: not a tree in topological order
+    cases = {"f": [np.where(f == f.max(), n_v, f), f - 1, f[:, :2], f + 0.5],
+             "kintree_table": [tree_bad, tree[:1]]}
+    for key, values in cases.items():
+        for i, value in enumerate(values):
+            path = write_flame_pickle(tmp_path / f"{key}{i}.pkl", {**model, key: value})
+            with pytest.raises(AssetError, match=f"'{key}'") as excinfo:
+                FLAME(path)
+            assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("key,change", [
+    ("dynamic_lmk_faces_idx", lambda a: a[:78]),
+    ("dynamic_lmk_bary_coords", lambda a: a[..., :2]),
+    ("static_lmk_faces_idx", lambda a: a.reshape(-1)[:50]),
+    ("full_lmk_bary_coords", lambda a: a.reshape(68, 3)[None, None, :, :2]),
+    ("full_lmk_faces_idx", lambda a: a.astype(np.float64) + 0.25),
+    ("static_lmk_bary_coords", lambda a: np.where(np.arange(a.size).reshape(a.shape) == 4, np.nan, a)),
+    ("dynamic_lmk_faces_idx", lambda a: np.full(np.shape(a), "x")),
+])
+def test_landmark_embedding_of_wrong_shapes_or_values_is_a_one_line_error(tmp_path, model, key, change):
+    from ofer.world.head import write_landmark_embedding
+
+    lmk = {k: np.asarray(v) for k, v in model["landmarks"].items()}
+    good = write_landmark_embedding(tmp_path / "good.npy", lmk)
+    bad = write_landmark_embedding(tmp_path / "bad.npy", {**lmk, key: change(lmk[key])})
+    mpath = write_flame_pickle(tmp_path / "m.pkl", model)
+    assert FLAME(mpath, good).has_landmarks
+    with pytest.raises(AssetError, match=f"'{key}'") as excinfo:
+        FLAME(mpath, bad)
+    assert str(bad) in str(excinfo.value) and "\n" not in str(excinfo.value)

@@ -106,3 +106,80 @@ def test_json_refuses_non_finite_numbers(tmp_path):
     with pytest.raises(ValueError):
         write_json(tmp_path / "b.json", {"x": float("nan")})
     assert not list(tmp_path.glob("*b.json*"))
+
+
+_KILLED_WRITER = """
+import sys, time
+from ofer.io import atomic_write_bytes
+
+def fill(f):
+    f.write(b"x" * 4096)
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+
+atomic_write_bytes(sys.argv[1], fill)
+"""
+
+
+def test_temp_files_of_killed_writes_are_removed_and_nothing_else(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from ofer.io import remove_stale_temps
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "latest.pt").write_bytes(b"old")
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(folder / "latest.pt")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    left = [p for p in folder.iterdir() if p.name != "latest.pt"]
+    assert len(left) == 1 and left[0].name.startswith(".latest.pt.") and left[0].suffix == ".tmp"
+    assert (folder / "latest.pt").read_bytes() == b"old"
+    # look-alikes that are not the writer's temp files, a folder and a link with the temp name
+    keep = [".latest.pt.tmp", "latest.pt.abcd1234.tmp", ".latest.pt.ABCD1234.tmp", ".latest.pt.abc.tmp",
+            ".latest.pt.abcd1234.tmp.bak", "notes.txt"]
+    for name in keep:
+        (folder / name).write_text("keep me")
+    (folder / ".dir.abcd1234.tmp").mkdir()
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("not in the folder")
+    (folder / ".link.abcd1234.tmp").symlink_to(target)
+    sub = folder / "sub"
+    sub.mkdir()
+    (sub / ".x.npz.k2m9_0aa.tmp").write_bytes(b"half")
+    everything = sorted(p.name for p in folder.rglob("*"))
+
+    assert remove_stale_temps(folder, older_than=3600) == []  # the killed write is a minute old at most
+    old = 10_000
+    for p in [left[0], sub / ".x.npz.k2m9_0aa.tmp"] + [folder / n for n in keep]:
+        os.utime(p, (p.stat().st_atime - old, p.stat().st_mtime - old))
+    assert remove_stale_temps(folder, older_than=3600) == [left[0]]
+    assert remove_stale_temps(folder, older_than=3600, recursive=True) == [sub / ".x.npz.k2m9_0aa.tmp"]
+    assert sorted(p.name for p in folder.rglob("*")) == sorted(
+        set(everything) - {left[0].name, ".x.npz.k2m9_0aa.tmp"})
+    assert target.read_text() == "not in the folder"
+    assert remove_stale_temps(tmp_path / "missing") == []
+
+
+def test_temp_file_being_written_by_this_process_is_kept(tmp_path):
+    from ofer.io import remove_stale_temps
+
+    seen = {}
+
+    def fill(f):
+        f.write(b"payload")
+        seen["removed"] = remove_stale_temps(tmp_path, older_than=0)
+        seen["temps"] = [p.name for p in tmp_path.iterdir()]
+
+    atomic_write_bytes(tmp_path / "a.ply", fill)
+    assert seen["removed"] == [] and len(seen["temps"]) == 1 and seen["temps"][0].startswith(".a.ply.")
+    assert (tmp_path / "a.ply").read_bytes() == b"payload"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.ply"]

@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
             print(report, file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the output cannot be written (folder under a file, disk full, ...)
+        print(f"error: cannot write {args.dst}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(res.report)
     print(f"wrote {args.dst}")
     return 0

@@ -14,12 +14,15 @@ paths are accepted too); :func:`resolve_path` joins them.
 
 Overrides are parsed as YAML scalars/flow collections: ``train.lr=1e-3``, ``data.train=[A,B]``,
 ``arcface.weights=null``. Floats written as ``1e-4`` (which YAML 1.1 reads as strings) are
-accepted for float fields.
+accepted for float fields; NaN and infinities (``.inf``, ``1e999``, ``nan``) are refused for
+every float key (learning rates, scales, thresholds, statistics): a schema that needs "no
+limit" uses ``Optional[float] = None``. Config files are UTF-8 (a byte-order mark is allowed).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -89,6 +92,10 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
+class _NonFinite(ConfigError):
+    """A float key given NaN or infinity (no schema key accepts them)."""
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return the (possibly converted) value."""
     origin = typing.get_origin(tp)
@@ -110,6 +117,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, key)
+            except _NonFinite:
+                raise
             except ConfigError as exc:
                 errors.append(exc)
         raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {_describe(value)}")
@@ -142,14 +151,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"config key '{key}' expects int, got {_describe(value)}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}' expects float, got {_describe(value)}")
+        if number is None:
+            raise ConfigError(f"config key '{key}' expects float, got {_describe(value)}")
+        if not math.isfinite(number):
+            raise _NonFinite(f"config key '{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -265,7 +279,14 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            text = p.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte {exc.start} cannot be "
+                              "decoded); save it as UTF-8") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from exc
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             first = str(exc).strip().splitlines()[0]
             raise ConfigError(f"config file {p} is not valid YAML: {first}") from exc

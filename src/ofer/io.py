@@ -9,6 +9,7 @@
   and optional per-vertex colours.
 * :func:`write_glb`: a binary glTF 2.0 mesh with morph targets (glTF's unit: metres).
 * :func:`write_landmarks`, :func:`write_npz`, :func:`write_json`, :func:`write_text`.
+* :func:`remove_stale_temps`: removes the temp files a killed writer left behind.
 
 FLAME works in metres; files written for people and for NoW are in millimetres by default.
 Every writer that takes coordinates says in which unit they come (``source_unit``) and in which
@@ -20,7 +21,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import stat
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
@@ -34,6 +39,7 @@ __all__ = [
     "write_npz",
     "write_json",
     "write_text",
+    "remove_stale_temps",
     "UNIT_SCALE",
 ]
 
@@ -59,6 +65,13 @@ def _umask() -> int:
     return mask
 
 
+#: Name of the temp file of an unfinished :func:`atomic_write_bytes` of ``<name>``:
+#: ``.<name>.<8 characters of mkstemp>.tmp``.
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
+_writing: set[str] = set()  # temp files this process is filling now
+_writing_lock = threading.Lock()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: Union[bytes, Writer]) -> Path:
     """Write ``path`` atomically; ``data`` is the bytes or a ``writer(fileobj)`` that fills the file.
 
@@ -67,6 +80,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: Union[bytes, Writer]) -> P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _writing_lock:
+        _writing.add(os.path.abspath(tmp))
     try:
         with os.fdopen(fd, "wb") as f:
             if isinstance(data, (bytes, bytearray, memoryview)):
@@ -83,7 +98,48 @@ def atomic_write_bytes(path: str | os.PathLike, data: Union[bytes, Writer]) -> P
         except OSError:
             pass
         raise
+    finally:
+        with _writing_lock:
+            _writing.discard(os.path.abspath(tmp))
     return path
+
+
+def remove_stale_temps(folder: str | os.PathLike, *, older_than: float = 600.0,
+                       recursive: bool = False) -> list[Path]:
+    """Remove the temp files that killed :func:`atomic_write_bytes` calls left in ``folder``.
+
+    Only regular files named exactly like that writer's temp files (``.<name>.<8 characters>.tmp``)
+    are candidates, and of those only the ones not modified for ``older_than`` seconds and not
+    being written by this process; links, folders and every other name are never touched.
+
+    Args:
+        folder: where to look (a missing folder removes nothing).
+        older_than: seconds since the last modification (a live writer keeps its file fresh).
+        recursive: also look in the subfolders (links to folders are not followed).
+
+    Returns:
+        The paths removed.
+    """
+    removed: list[Path] = []
+    now = time.time()
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in files:
+            if not _TEMP_NAME.fullmatch(name):
+                continue
+            path = os.path.join(root, name)
+            with _writing_lock:
+                if os.path.abspath(path) in _writing:
+                    continue
+            try:
+                st = os.lstat(path)
+                if stat.S_ISREG(st.st_mode) and now - st.st_mtime >= older_than:
+                    os.unlink(path)
+                    removed.append(Path(path))
+            except OSError:  # gone meanwhile, or not ours to remove
+                continue
+        if not recursive:
+            break
+    return removed
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

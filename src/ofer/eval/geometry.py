@@ -67,13 +67,15 @@ def _read_obj(path: Path) -> tuple[np.ndarray, np.ndarray]:
     tri_fast: list[tuple[int, int, int]] = []
     with open(path, "r", encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
-            if line.startswith("v "):
+            # a keyword and its values are separated by any whitespace ("v\t1 2 3", "f  1 2 3")
+            tag = line[:1] if line[1:2].isspace() else ""
+            if tag == "v":
                 tok = line.split()
                 if len(tok) < 4:
                     raise MeshError(f"{path}:{lineno}: vertex line has fewer than 3 coordinates")
                 # Only x y z: trailing colour columns (v x y z r g b) or w are ignored.
                 verts.append((float(tok[1]), float(tok[2]), float(tok[3])))
-            elif line.startswith("f "):
+            elif tag == "f":
                 tok = line.split()[1:]
                 n_now = len(verts)
                 idx = []

@@ -51,6 +51,7 @@ __all__ = [
     "cumulative_error_curve",
     "save_cumulative_plot",
     "parse_image_list",
+    "unit_warnings",
     "evaluate_now",
     "main",
 ]
@@ -63,6 +64,13 @@ _ALIASES = {
 }
 _UNITS = {"mm": 1.0, "cm": 10.0, "m": 1000.0}
 DISPARITY_WARN = 0.1  # Procrustes standardised residual above which landmarks look mis-ordered
+#: Plausible range of (bounding-box diagonal of the 7 predicted landmarks) / (that of the predicted
+#: mesh): about 0.2-0.5 for a FLAME head, up to about 1 for a face-only mesh; a millimetre/metre
+#: mix gives about 1000 or 0.001.
+LANDMARK_EXTENT_RATIO = (0.1, 3.0)
+#: Plausible bounding-box diagonal of a predicted head or face mesh, in mm (FLAME: about 370),
+#: checked with ``metrical`` after applying the ``unit``.
+HEAD_EXTENT_MM = (50.0, 1000.0)
 
 
 class NowError(OferError, ValueError):
@@ -181,6 +189,44 @@ class ScanEvaluation:
     warnings: list[str] = field(default_factory=list)
 
 
+def _extent(points: np.ndarray) -> float:
+    """Bounding-box diagonal of a point set."""
+    P = np.asarray(points, dtype=np.float64)
+    return float(np.linalg.norm(P.max(axis=0) - P.min(axis=0))) if len(P) else 0.0
+
+
+def _coincide(points: np.ndarray) -> bool:
+    """Whether the points are all the same point (to 1e-6 of their magnitude)."""
+    P = np.asarray(points, dtype=np.float64)
+    spread = float(np.sqrt(np.sum((P - P.mean(axis=0)) ** 2)))
+    return spread <= 1e-6 * float(np.abs(P).max())
+
+
+def unit_warnings(pred_v: np.ndarray, pred_lmk: np.ndarray, metrical: bool = False, unit: str = "m",
+                  name: str = "prediction") -> list[str]:
+    """Warnings for a prediction whose units look inconsistent (see ``docs/eval.md``).
+
+    * the landmarks' bounding-box diagonal divided by the mesh's is outside
+      :data:`LANDMARK_EXTENT_RATIO` (landmarks in mm beside a mesh in metres give about 1000);
+    * with ``metrical``, the mesh's diagonal in mm (after the ``unit`` factor) is outside
+      :data:`HEAD_EXTENT_MM` (``--unit mm`` on a mesh in metres gives about 0.4 mm).
+    """
+    out = []
+    mesh, lmk = _extent(pred_v), _extent(pred_lmk)
+    lo, hi = LANDMARK_EXTENT_RATIO
+    if mesh > 0 and not lo <= lmk / mesh <= hi:
+        out.append(f"{name}: the landmarks span {lmk / mesh:.3g} times the mesh's extent (expected "
+                   f"{lo}-{hi}); are landmarks and mesh in different units (about 1000: landmarks in mm, "
+                   "mesh in metres)?")
+    if metrical:
+        size = mesh * _UNITS[unit]
+        lo, hi = HEAD_EXTENT_MM
+        if not lo <= size <= hi:
+            out.append(f"{name}: with --unit {unit} the mesh spans {size:.3g} mm, not a head's "
+                       f"{lo:g}-{hi:g} mm; is --unit the unit of the mesh?")
+    return out
+
+
 def evaluate_scan(scan_v: np.ndarray, scan_lmk: np.ndarray, pred_v: np.ndarray, pred_f: np.ndarray,
                   pred_lmk: np.ndarray, metrical: bool = False, unit: str = "m",
                   crop_ids: np.ndarray | None = None, name: str = "prediction") -> ScanEvaluation:
@@ -194,6 +240,9 @@ def evaluate_scan(scan_v: np.ndarray, scan_lmk: np.ndarray, pred_v: np.ndarray, 
             (``unit`` in mm/cm/m) and ``c`` the Procrustes translation (still computed with the
             Procrustes scale, as the original), then refinement of rotation and translation only.
         crop_ids: precomputed :func:`crop_scan` indices (optional, for reuse across images).
+
+    ``warnings`` lists a reflected or poor landmark fit and units that look inconsistent
+    (:func:`unit_warnings`). Landmarks that are all one point raise :class:`NowError`.
     """
     warnings_: list[str] = []
     if crop_ids is None:
@@ -201,6 +250,11 @@ def evaluate_scan(scan_v: np.ndarray, scan_lmk: np.ndarray, pred_v: np.ndarray, 
     scan_c = np.asarray(scan_v, dtype=np.float64)[crop_ids]
     if len(scan_c) == 0:
         raise NowError(f"{name}: the scan crop is empty; are the scan landmarks in the scan's frame and units (mm)?")
+    for what, L in (("predicted", pred_lmk), ("scan", scan_lmk)):
+        if _coincide(L):
+            raise NowError(f"{name}: the 7 {what} landmarks are all the same point; they cannot align "
+                           "the prediction")
+    warnings_ += unit_warnings(pred_v, pred_lmk, metrical, unit, name)
     pr = procrustes_now(scan_lmk, pred_lmk)
     if pr.is_reflection:
         warnings_.append(f"{name}: the landmark alignment is a reflection; are left/right landmarks swapped? "
@@ -313,8 +367,14 @@ def parse_image_list(path: str | os.PathLike) -> list[ImageEntry]:
     path = Path(path)
     if not path.is_file():
         raise NowError(f"image list not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first line
+    except UnicodeDecodeError as exc:
+        raise NowError(f"image list {path} is not UTF-8 text (byte {exc.start})") from exc
+    except OSError as exc:
+        raise NowError(f"cannot read image list {path}: {exc.strerror or exc}") from exc
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(text.splitlines()):
         line = line.strip()
         if not line:
             continue
@@ -359,8 +419,11 @@ def _evaluate_subject(args) -> list[dict]:
                            name=str(lmk_path))
         if check_dir is not None:
             d = Path(check_dir) / e.subject / e.challenge / e.filename
-            write_mesh(d / "predicted_aligned.obj", ev.aligned_vertices, pf, unit="mm", source_unit="mm")
-            write_mesh(d / "gt_scan_cropped.obj", scan_v[ids], None, unit="mm", source_unit="mm")
+            try:
+                write_mesh(d / "predicted_aligned.obj", ev.aligned_vertices, pf, unit="mm", source_unit="mm")
+                write_mesh(d / "gt_scan_cropped.obj", scan_v[ids], None, unit="mm", source_unit="mm")
+            except OSError as exc:
+                raise NowError(f"cannot write the alignment check to {d}: {exc.strerror or exc}") from exc
         out.append({
             "index": e.index, "line": e.line, "subject": e.subject, "challenge": e.challenge,
             "distances": ev.distances, "warnings": warns + ev.warnings,
@@ -400,6 +463,10 @@ def evaluate_now(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike | None =
                            "(or neutral/expression/occlusion/selfie)")
     if unit not in _UNITS:
         raise NowError(f"unknown --unit {unit!r}; expected mm, cm or m")
+    out = Path(out_dir) if out_dir else pred_dir / "results"
+    _check_folder(out, "output folder")
+    if check_alignment_dir is not None:
+        _check_folder(Path(check_alignment_dir), "--check-alignment folder")
     gt = Path(gt_dir) if gt_dir is not None else None
     if images is None:
         if gt is None:
@@ -483,11 +550,23 @@ def evaluate_now(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike | None =
             "median": float(np.median(r["distances"])), "mean": float(np.mean(r["distances"]))} for r in results],
     }
 
-    out = Path(out_dir) if out_dir else pred_dir / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    _write_outputs(out, method + ("_metrical" if metrical else ""), challenge, results, summary)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_outputs(out, method + ("_metrical" if metrical else ""), challenge, results, summary)
+    except OSError as exc:
+        raise NowError(f"cannot write the results to {out}: {exc.strerror or exc}") from exc
     summary["out_dir"] = str(out)
     return summary
+
+
+def _check_folder(folder: Path, what: str) -> None:
+    """Refuse an output folder that is a file or lies under one, before any work is done."""
+    p = folder
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        where = "is a file" if p == folder else f"lies under the file {p}"
+        raise NowError(f"{what} {folder} {where}")
 
 
 def _write_outputs(out: Path, method: str, challenge: str, results: list[dict], summary: dict) -> None:

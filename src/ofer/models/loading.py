@@ -10,7 +10,10 @@ Three formats exist, told apart by their contents (:func:`checkpoint_format`):
 * ``"official"``: the released OFER ``.tar`` files (:mod:`ofer.models.official`).
 
 :func:`load_model` returns the complete conditioned model from any of them;
-:func:`load_checkpoint` the head alone (with the encoder state dicts beside it).
+:func:`load_checkpoint` the head alone (with the encoder state dicts beside it). Whatever the
+format, the weights a loader uses pass one check
+(:func:`~ofer.models.checkpoint.require_finite`): a tensor with NaN or inf is refused, naming
+the file and the tensor.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..config import config_from_dict
 from ..errors import AssetError, CheckpointError, OferError
 from ..nets.arcface import arcface_from_state_dict
 from ..nets.farl import farl_from_state_dict
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import read_checkpoint, require_finite, save_checkpoint
 from .conditioned import ConditionedModel, build_model
 from .official import ENCODER_ENTRIES, ImportReport, detect_official_kind, import_official, is_official
 from .spec import KINDS, SPECS, get_spec
@@ -121,9 +124,11 @@ def _exported_head(ckpt: dict[str, Any], kind: str, path: Path) -> nn.Module:
         model = SPECS[kind].head.from_config(cfg)
     except (OferError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild {kind} from 'config': {exc}") from exc
-    state = ckpt.get("ema") if isinstance(ckpt.get("ema"), dict) else ckpt.get("model")
+    entry = "ema" if isinstance(ckpt.get("ema"), dict) else "model"
+    state = ckpt.get(entry)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: no 'ema' or 'model' state dict")
+    require_finite({entry: state}, path)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         keys = (result.missing_keys + result.unexpected_keys)[:3]
@@ -139,6 +144,7 @@ def _head_and_encoders(ckpt: dict[str, Any], fmt: str, kind: str, path: Path,
         res = import_official(ckpt, kind, path=path, **official_options)
         return res.model, res.encoders, res.report
     encoders = {k: ckpt[k] for k in ENCODER_ENTRIES if isinstance(ckpt.get(k), dict)}
+    require_finite(encoders, path)
     return _exported_head(ckpt, kind, path), encoders, None
 
 
@@ -151,7 +157,7 @@ def load_checkpoint(source: str | Path | dict, kind: Optional[str] = None, map_l
     A training checkpoint gives its head too (use :func:`load_model` for the whole model).
 
     Raises:
-        CheckpointError: unreadable file, wrong kind, keys that do not match.
+        CheckpointError: unreadable file, wrong kind, keys that do not match, non-finite weights.
     """
     if kind is not None:
         get_spec(kind, CheckpointError)
@@ -186,7 +192,7 @@ def load_trained_model(source: str | Path | dict, kind: str, use_ema: bool = Tru
         ``(model, cfg)``: the :class:`ConditionedModel` in eval mode and the training config.
 
     Raises:
-        CheckpointError: unreadable file, wrong kind, or weights that do not fit.
+        CheckpointError: unreadable file, wrong kind, weights that do not fit or are not finite.
     """
     ckpt, path = _read(source, path, map_location)
     spec = get_spec(kind, CheckpointError)
@@ -194,12 +200,13 @@ def load_trained_model(source: str | Path | dict, kind: str, use_ema: bool = Tru
         raise CheckpointError(f"{path} holds an {ckpt.get('kind')} checkpoint, expected {kind}")
     if checkpoint_format(ckpt) != "training":
         raise CheckpointError(f"checkpoint {path} is not a training checkpoint of ours (no 'head.*' weights)")
+    ema = use_ema and ckpt.get("ema") is not None
+    sd = ckpt["ema"] if ema else ckpt["model"]
+    require_finite({"ema" if ema else "model": sd}, path)
     try:
         cfg = config_from_dict(spec.train_schema, ckpt["config"])
     except (OferError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path}: its 'config' is not a {kind} training config ({exc})") from exc
-    ema = use_ema and ckpt.get("ema") is not None
-    sd = ckpt["ema"] if ema else ckpt["model"]
     num_vertices = None
     if not spec.generative:
         idx = sd.get("head.vertex_indices")

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..nets.unet1d import TIME_EMB_DIM, Denoiser
-from .checkpoint import read_checkpoint
+from .checkpoint import read_checkpoint, require_finite
 from .spec import ARCFACE_DIM, KINDS, SPECS
 
 __all__ = [
@@ -193,6 +193,9 @@ def _denoiser_config_from_keys(sd: dict[str, Tensor], path: str) -> dict[str, An
         num_qkv = sd["mid_attn.fn.fn.to_out_linear.weight"].shape[1]
     except (KeyError, IndexError) as exc:
         raise _fail(f"{path}: 'net' is not an OFER denoiser state dict (no key {exc})") from exc
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise _fail(f"{path}: 'net' is not an OFER denoiser state dict (an entry is not a tensor "
+                    "of the expected rank)") from exc
     return {"param_dim": int(d), "cond_dim": int(cond), "dims": [int(v) for v in dims],
             "num_qkv": int(num_qkv)}
 
@@ -242,6 +245,19 @@ def detect_official_kind(ckpt: dict[str, Any]) -> str | None:
     return None
 
 
+def _schedule_buffer_matches(value: Any, ours: Tensor) -> bool:
+    """Whether a stored ``var_sched`` buffer equals ours in shape and value (rtol 1e-6).
+
+    Any numeric tensor (integer ones too) or nested list of numbers is compared by value;
+    strings, ``None`` and other objects never match.
+    """
+    try:
+        v = torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return v.shape == ours.shape and bool(torch.allclose(v, ours.double(), rtol=1e-6, atol=1e-12))
+
+
 def _strict_load(module: nn.Module, sd: dict[str, Tensor], report: ImportReport,
                  skip: tuple[str, ...] = (), allow_extra: tuple[str, ...] = ()) -> None:
     """Copy ``sd`` into ``module``; record missing (except ``skip`` substrings) /
@@ -279,8 +295,12 @@ def import_official(source: str | Path | dict[str, Any], kind: str, *, qkv: dict
         :class:`ImportResult` with the model in eval mode.
 
     Raises:
-        CheckpointError: unreadable file, wrong kind, or any missing / unexpected /
+        CheckpointError: unreadable file, wrong kind, a tensor with NaN or inf (named), a
+            ``var_sched`` that is not the official schedule, or any missing / unexpected /
             mis-shaped key (the message summarises; ``err.report`` has the lists).
+
+    ``var_sched`` buffers are compared by value: integer tensors or plain numbers that equal
+    the schedule would pass (none can equal its fractional values); anything else is refused.
     """
     if kind not in KINDS:
         raise CheckpointError(f"unknown checkpoint kind {kind!r}; expected one of {KINDS}")
@@ -297,6 +317,8 @@ def import_official(source: str | Path | dict[str, Any], kind: str, *, qkv: dict
     if found != kind:
         raise _fail(f"{path} holds an {found} checkpoint, expected {kind}", report)
 
+    require_finite({k: ckpt[k] for k in ("net", "diffusion", "var_sched", *ENCODER_ENTRIES)
+                    if isinstance(ckpt.get(k), dict)}, path)
     encoders = {k: ckpt[k] for k in ENCODER_ENTRIES if isinstance(ckpt.get(k), dict)}
     report.encoders = {k: len(v) for k, v in encoders.items()}
     handled = set(ENCODER_ENTRIES) | {"net", "var_sched", "diffusion"}
@@ -304,9 +326,9 @@ def import_official(source: str | Path | dict[str, Any], kind: str, *, qkv: dict
 
     spec = SPECS[kind]
     if not spec.generative:
+        first = ckpt["net"].get("ranklayers.0.mlp.weight")
         model: nn.Module = spec.head.from_config(
-            {"in_dim": ckpt["net"]["ranklayers.0.mlp.weight"].shape[1]}
-            if "ranklayers.0.mlp.weight" in ckpt["net"] else {},
+            {"in_dim": first.shape[1]} if isinstance(first, Tensor) and first.ndim == 2 else {},
             vertex_indices=vertex_indices)
         _strict_load(model.net, ckpt["net"], report)
         if not report.ok:
@@ -325,8 +347,8 @@ def import_official(source: str | Path | dict[str, Any], kind: str, *, qkv: dict
         report.notes.append("no 'net' entry: network weights taken from 'diffusion'")
     elif diff_net:
         differ = [k for k, v in net_sd.items()
-                  if k in diff_net and not (isinstance(v, Tensor) and v.shape == diff_net[k].shape
-                                            and torch.equal(v, diff_net[k]))]
+                  if k in diff_net and not (isinstance(v, Tensor) and isinstance(diff_net[k], Tensor)
+                                            and v.shape == diff_net[k].shape and torch.equal(v, diff_net[k]))]
         if differ or set(diff_net) != set(net_sd):
             raise _fail(f"{path}: 'net' and 'diffusion' disagree on {len(differ)} tensors "
                         f"and {len(set(diff_net) ^ set(net_sd))} key names", report)
@@ -348,9 +370,7 @@ def import_official(source: str | Path | dict[str, Any], kind: str, *, qkv: dict
         if set(sched_sd) != set(ours):
             raise _fail(f"{path}: 'var_sched' has keys {sorted(set(sched_sd) ^ set(ours))[:4]} "
                         "that differ from the 17 expected buffers", report)
-        bad = [k for k, v in sched_sd.items()
-               if v.shape != ours[k].shape or not torch.allclose(v.double(), ours[k].double(),
-                                                                 rtol=1e-6, atol=1e-12)]
+        bad = [k for k, v in sched_sd.items() if not _schedule_buffer_matches(v, ours[k])]
         if bad:
             raise _fail(f"{path}: 'var_sched' is not the linear T=1000 1e-4 -> 1e-2 schedule "
                         f"(differs in {bad[:3]})", report)

@@ -9,7 +9,6 @@ and ``softmax(-mean absolute vertex error in mm)``.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import AssetError
-from ..flame.assets import SafeUnpickler
+from ..flame.assets import safe_load_pickle
 from .unet1d import draw_default_init
 
 __all__ = [
@@ -214,8 +213,7 @@ def load_vertex_indices(source, key: str = "face") -> np.ndarray:
             except ValueError as exc:
                 raise AssetError(f"{path}: expected a plain integer .npy array ({exc})") from exc
         else:
-            with open(path, "rb") as f:
-                source = SafeUnpickler(io.BytesIO(f.read())).load()  # the FLAME allow-list
+            source = safe_load_pickle(path)  # the FLAME allow-list
     if isinstance(source, Mapping):
         if key not in source:
             raise AssetError(f"{name}: no {key!r} entry (found {sorted(map(str, source))[:8]})")
