@@ -234,3 +234,17 @@ def test_odd_files_are_read_named_or_noted(setup, tmp_path):
     assert any("200 bytes after the end of the JPEG data" in n for n in notes)
     assert (tmp_path / "out" / latin / "result.json").is_file()
     assert "caf" in (tmp_path / "out" / "summary.csv").read_text(encoding="utf-8")
+
+
+def test_temp_files_of_a_killed_run_are_cleared_on_resume(setup, tmp_path):
+    root, images, ov = setup
+    src = _images(setup, tmp_path, ["a"])
+    out = tmp_path / "out"
+    run(_cfg(ov, "preview=false"), src, out, log=_quiet)
+    stale = out / "a" / ".identity.ply.k3j9x0q1.tmp"
+    stale.write_bytes(b"half a mesh")
+    os.utime(stale, (1_000_000_000, 1_000_000_000))
+    keep = out / "a" / "notes.tmp"  # not a temp name of ours
+    keep.write_text("x")
+    run(_cfg(ov, "preview=false"), src, out, log=_quiet)
+    assert not stale.exists() and keep.exists()

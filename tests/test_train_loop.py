@@ -242,3 +242,13 @@ def test_a_run_dir_holding_a_run_is_not_replaced_silently(tmp_path):
     assert res.step == 2 and read_checkpoint(tmp_path / "checkpoints" / "latest.pt")["step"] == 2
     with pytest.raises(ConfigError, match="overwrite"):
         toy_config(tmp_path, **{"resume": "true", "overwrite": "true"})
+
+
+def test_a_resumed_run_clears_temp_checkpoints_of_a_killed_one(tmp_path):
+    torch.manual_seed(0)
+    run_training(toy_config(tmp_path, **{"train.max_steps": 2}), ToyTask(), ToyData())
+    stale = tmp_path / "checkpoints" / ".latest.pt.a1b2c3d4.tmp"
+    stale.write_bytes(b"x" * 100)
+    os.utime(stale, (1_000_000_000, 1_000_000_000))
+    run_training(toy_config(tmp_path, **{"train.max_steps": 4, "resume": "true"}), ToyTask(), ToyData())
+    assert not stale.exists()

@@ -36,7 +36,7 @@ from ..config import config_to_dict, load_config
 from ..device import cleanup, dist_env, init_distributed
 from ..data.images import IMAGE_EXTENSIONS, prepare_faces
 from ..errors import ConfigError, OferError
-from ..io import atomic_write_bytes, write_json, write_landmarks, write_mesh, write_npz
+from ..io import atomic_write_bytes, remove_stale_temps, write_json, write_landmarks, write_mesh, write_npz
 from .config import SampleConfig
 from .reconstructor import STAGES, ImageResult, Reconstructor, image_seed_index
 
@@ -427,6 +427,7 @@ def claim_output(output: Path, cfg: SampleConfig, rank: int) -> None:
                               f"({', '.join(changed)}); choose another folder, or redo every image with "
                               "overwrite=true")
     if rank == 0:
+        remove_stale_temps(output, recursive=True)  # left by a run killed while writing
         try:
             write_json(old, {"settings": settings})
         except OSError as exc:

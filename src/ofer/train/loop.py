@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..config import config_to_dict, save_config
+from ..io import remove_stale_temps
 from ..errors import CheckpointError, ConfigError, OferError
 from ..models.checkpoint import read_checkpoint, save_checkpoint
 from ..device import DistInfo, all_reduce_mean, any_flag, barrier, init_distributed
@@ -240,6 +241,8 @@ class _TrainingRun:
     def _claim_run_dir(self) -> None:
         """Refuse to start afresh over an existing run unless told (``resume`` / ``overwrite``)."""
         cfg = self.cfg
+        if self.dist.is_main and self.ckpt_dir.is_dir():
+            remove_stale_temps(self.ckpt_dir)  # checkpoints of a run killed while writing them
         old = sorted(self.ckpt_dir.glob("*.pt")) if self.ckpt_dir.is_dir() else []
         if not old or cfg.resume:
             return
