@@ -21,21 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_core import best_time  # noqa: E402 (a sibling script: run from the repository root)
 from ofer.flame import FLAME
 from ofer.sample.config import SampleConfig
 from ofer.sample.reconstructor import ImageResult
 from ofer.sample.runner import write_image_outputs
 from ofer.uncertainty import select_far_apart, summarize, vertex_spread
 from ofer.world.head import write_synthetic_flame
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -58,7 +50,7 @@ def main() -> None:
         def decode():
             return flame(shape_coeffs=shapes[:1].expand(100, -1), exp_coeffs=exps, jaw_pose=jaw).vertices
 
-        t_decode = best_of(decode, args.repeats)
+        t_decode = best_time(decode, args.repeats)
         ev = decode()
 
     def spreads():
@@ -67,7 +59,7 @@ def main() -> None:
         vertex_spread(ev)
         select_far_apart(ev, 4)
 
-    t_spread = best_of(spreads, args.repeats)
+    t_spread = best_time(spreads, args.repeats)
     isp, esp = vertex_spread(ident.vertices) * 1000, vertex_spread(ev) * 1000
     chosen = select_far_apart(ev, 4)
     res = ImageResult(
@@ -85,7 +77,7 @@ def main() -> None:
     for label, cfg in (("outputs, no preview", SampleConfig(preview=False)),
                        ("outputs + preview", SampleConfig()),
                        ("outputs + preview + exports", SampleConfig(export=["flame", "blender", "glb"]))):
-        t = best_of(lambda: write_image_outputs(tmp / "out", res, faces, cfg, crop,
+        t = best_time(lambda: write_image_outputs(tmp / "out", res, faces, cfg, crop,
                                                 {"image": "x", "image_index": 1}), args.repeats)
         print(f"  {label}: {t:.3f} s")
 

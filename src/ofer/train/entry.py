@@ -30,43 +30,41 @@ from .tasks import ExpGenTask, IdGenTask, IdRankTask
 __all__ = ["train_idgen", "train_expgen", "train_idrank", "TRAINERS", "main"]
 
 
-def train_idgen(cfg: IdGenTrainConfig) -> TrainResult:
-    """Train IdGen: ArcFace-conditioned diffusion over FLAME shape coefficients."""
+def _train_generator(cfg: Any, kind: str) -> TrainResult:
+    """IdGen or ExpGen: datasets, target statistics, model, FLAME (validation and sample
+    meshes only), then the loop. An IdGen config may name a frozen IdRank
+    (``val.idrank_checkpoint``) for the ranked-identity validation error; with a FaRL in its
+    condition, the held-out set carries the face crops."""
     # One seed for the model initialisation; everything later is seeded per step.
     torch.manual_seed(cfg.seed)
     dist = init_distributed(cfg.train.device)
     try:
-        # Optional IdRank for the ranked-identity validation error (val.idrank_checkpoint);
-        # with a FaRL in its condition, the held-out set carries the face crops.
-        ranker = build.load_val_ranker(cfg)
-        train_set, val_set = build.build_datasets(cfg, "idgen", report_dir=Path(cfg.run_dir),
+        ranker = build.load_val_ranker(cfg) if hasattr(cfg.val, "idrank_checkpoint") else None
+        train_set, val_set = build.build_datasets(cfg, kind, report_dir=Path(cfg.run_dir),
                                                   val_farl=ranker is not None and ranker.farl is not None)
-        build.fill_target_stats(cfg, "idgen", train_set)  # diffusion.normalize only
-        model = build_model("idgen", cfg)
-        # FLAME is only needed for validation errors and sample meshes.
+        build.fill_target_stats(cfg, kind, train_set)  # diffusion.normalize only
+        model = build_model(kind, cfg)
         need_flame = val_set is not None or cfg.train.sample_every > 0
         vertices, faces = build.build_flame(cfg) if need_flame else (None, None)
-        task = IdGenTask(cfg, model, vertices, faces, ranker=ranker)
+        extra = {"ranker": ranker} if ranker is not None else {}
+        task = GENERATOR_TASKS[kind](cfg, model, vertices, faces, **extra)
         return run_training(cfg, task, train_set, val_set, dist)
     finally:
         cleanup()
+
+
+#: the training task of each generator
+GENERATOR_TASKS = {"idgen": IdGenTask, "expgen": ExpGenTask}
+
+
+def train_idgen(cfg: IdGenTrainConfig) -> TrainResult:
+    """Train IdGen: ArcFace-conditioned diffusion over FLAME shape coefficients."""
+    return _train_generator(cfg, "idgen")
 
 
 def train_expgen(cfg: ExpGenTrainConfig) -> TrainResult:
     """Train ExpGen: [FaRL | ArcFace]-conditioned diffusion over 50 expression + 3 jaw values."""
-    torch.manual_seed(cfg.seed)
-    dist = init_distributed(cfg.train.device)
-    try:
-        # Per-frame expression data: K views of one frame share exp/jaw/shape.
-        train_set, val_set = build.build_datasets(cfg, "expgen", report_dir=Path(cfg.run_dir))
-        build.fill_target_stats(cfg, "expgen", train_set)  # diffusion.normalize only
-        model = build_model("expgen", cfg)
-        need_flame = val_set is not None or cfg.train.sample_every > 0
-        vertices, faces = build.build_flame(cfg) if need_flame else (None, None)
-        task = ExpGenTask(cfg, model, vertices, faces)
-        return run_training(cfg, task, train_set, val_set, dist)
-    finally:
-        cleanup()
+    return _train_generator(cfg, "expgen")
 
 
 def train_idrank(cfg: IdRankTrainConfig) -> TrainResult:

@@ -314,6 +314,17 @@ def _identity(cfg: WorldConfig, fr: FaceRenderer, i: int) -> tuple[np.ndarray, n
     return cfg.prior.sample_identity(g), fr.sample_albedo(g)
 
 
+def _write_renders(folder: Path, prefix: str, samples: Sequence[FaceSample], crops: list) -> list[str]:
+    """Write ``<folder>/<prefix>/<j>`` renders, queue their crops; the index's image names."""
+    rels = []
+    for j, smp in enumerate(samples):
+        rel = f"{prefix}/{j:03d}"
+        _write_render(folder, rel, smp)
+        crops.append((rel, smp.image, smp.kps))
+        rels.append(rel + ".jpg")
+    return rels
+
+
 def _run_job(job: tuple[str, int]) -> dict:
     """Render and write one job; returns its list entries (and nothing heavy)."""
     part, i = job
@@ -330,12 +341,7 @@ def _run_job(job: tuple[str, int]) -> dict:
         M = cfg.images_per_identity
         exps, jaws = zip(*(prior.sample_expression(g, cfg.id_expression_scale) for _ in range(M)))
         samples = fr.render_batch(g, np.tile(shape, (M, 1)), np.stack(exps), np.stack(jaws), albedo)
-        rels = []
-        for j, smp in enumerate(samples):
-            rel = f"{actor}/{j:03d}"
-            _write_render(root / "renders" / ID_NAME, rel, smp)
-            crops.append((rel, smp.image, smp.kps))
-            rels.append(rel + ".jpg")
+        rels = _write_renders(root / "renders" / ID_NAME, actor, samples, crops)
         _write(root / ID_NAME / "FLAME_parameters" / actor / f"{actor}.npz", _params(shape))
         result["entries"][actor] = (rels, f"{actor}/{actor}.npz")
         name = ID_NAME
@@ -348,12 +354,7 @@ def _run_job(job: tuple[str, int]) -> dict:
             exp, jaw = prior.sample_expression(g)
             samples = fr.render_batch(g, np.tile(shape, (P, 1)), np.tile(exp, (P, 1)), np.tile(jaw, (P, 1)), albedo)
             frame = f"{actor}__e{k:02d}__000"
-            rels = []
-            for j, smp in enumerate(samples):
-                rel = f"{frame}/{j:03d}"
-                _write_render(root / "renders" / EXP_NAME, rel, smp)
-                crops.append((rel, smp.image, smp.kps))
-                rels.append(rel + ".jpg")
+            rels = _write_renders(root / "renders" / EXP_NAME, frame, samples, crops)
             _write(root / EXP_NAME / "FLAME_parameters" / frame / f"{frame}.npz", _params(shape, exp, jaw))
             result["entries"][frame] = (rels, f"{frame}/{frame}.npz")
         name = EXP_NAME
