@@ -248,3 +248,45 @@ def test_temp_files_of_a_killed_run_are_cleared_on_resume(setup, tmp_path):
     keep.write_text("x")
     run(_cfg(ov, "preview=false"), src, out, log=_quiet)
     assert not stale.exists() and keep.exists()
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG that declares ``w`` x ``h`` pixels and holds no image data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_the_pixel_limit_is_ours_not_pillows(tmp_path):
+    from ofer.data.images import MAX_PIXELS, read_image
+    from ofer.errors import ImageError
+
+    (tmp_path / "big.png").write_bytes(_png_header(12000, 9000))  # 108 MP: over Pillow's 89.5, under 250
+    with pytest.raises(ImageError, match="truncated or corrupt"):  # refused for its data, not its size
+        read_image(tmp_path / "big.png")
+    (tmp_path / "huge.png").write_bytes(_png_header(20000, 20000))
+    with pytest.raises(ImageError, match="too large"):
+        read_image(tmp_path / "huge.png")
+    assert 20000 * 20000 > MAX_PIXELS > 12000 * 9000
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads unreadable files")
+def test_unreadable_files_and_folders_are_named(setup, tmp_path):
+    root, images, ov = setup
+    src = _images(setup, tmp_path, ["a", "b"])
+    (src / "locked").mkdir()
+    shutil.copy(src / "a.png", src / "locked" / "x.png")
+    os.chmod(src / "locked", 0)
+    os.chmod(src / "b.png", 0)
+    try:
+        s = run(_cfg(ov, "preview=false"), src, tmp_path / "out", log=_quiet)
+    finally:
+        os.chmod(src / "locked", 0o755)
+        os.chmod(src / "b.png", 0o644)
+    rec = {r["image"]: r for r in s["records"]}
+    assert rec["locked/"]["status"] == "skipped" and "cannot read folder" in rec["locked/"]["reason"]
+    assert rec["b.png"]["status"] == "failed" and "cannot read the file" in rec["b.png"]["reason"]
