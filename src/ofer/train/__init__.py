@@ -1,2 +1,4 @@
-"""Training: the shared loop (``loop``), EMA (``ema``), DDP helpers (``dist``), checkpoint I/O
-(``checkpoint``), the IdGen/ExpGen/IdRank tasks (``tasks``) and builders (``build``)."""
+"""Training: the shared loop in named stages (``loop``), EMA (``ema``), the IdGen/ExpGen/IdRank
+tasks (``tasks``), datasets, FLAME and the dry run (``build``) and the three trainers
+(``entry``; ``python -m ofer.train KIND``). Devices and ``torchrun`` are :mod:`ofer.device`,
+checkpoints :mod:`ofer.models.checkpoint`."""
