@@ -580,6 +580,39 @@ class _ScanToMesh:
         return np.concatenate([J, reg], axis=0)
 
 
+def _cauchy_step(J: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Minimiser of the linearised cost along the descent direction ``g = -J^T r``."""
+    curvature = float(np.sum((J @ g) ** 2))
+    return (float(g @ g) / curvature) * g if curvature > 0 else np.zeros_like(g)
+
+
+def _gauss_newton_step(A: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Solution of the normal equations ``A d = g`` (least squares when ``A`` is singular)."""
+    try:
+        return np.linalg.solve(A, g)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(A, g, rcond=None)[0]
+
+
+def _dogleg_step(cauchy: np.ndarray, newton: np.ndarray | None, radius: float) -> np.ndarray:
+    """Powell's dogleg inside a trust region of ``radius``.
+
+    The Cauchy step cut to the radius when it reaches the boundary; else the Gauss-Newton
+    step when it lies inside; else the point where the segment from the Cauchy to the
+    Gauss-Newton step leaves the region: ``cauchy + beta (newton - cauchy)`` with
+    ``|.| = radius``, the positive root of ``a beta^2 + 2 b beta + c = 0``, taken in the form
+    ``-c / (b + sqrt(b^2 - a c))`` that does not cancel.
+    """
+    length = float(np.linalg.norm(cauchy))
+    if length >= radius:
+        return (radius / length) * cauchy
+    if float(np.linalg.norm(newton)) <= radius:
+        return newton
+    towards = newton - cauchy
+    a, b, c = float(towards @ towards), float(cauchy @ towards), length ** 2 - radius ** 2
+    return cauchy + (-c / (b + np.sqrt(b * b - a * c))) * towards
+
+
 def refine_similarity_dogleg(scan: np.ndarray, V: np.ndarray, F: np.ndarray, fix_scale: bool = False,
                              delta_0: float = 0.1, e_1: float = 1e-15, e_2: float = 1e-15,
                              e_3: float = 1e-4, maxiter: int = 200) -> RefineResult:
@@ -615,52 +648,35 @@ def refine_similarity_dogleg(scan: np.ndarray, V: np.ndarray, F: np.ndarray, fix
         stop = "gradient"
     while not stop:
         it += 1
-        Jg = J @ g
-        d_sd = (np.dot(g, g) / np.dot(Jg, Jg)) * g if np.dot(Jg, Jg) > 0 else np.zeros_like(g)
-        d_gn = None
+        cauchy, newton = _cauchy_step(J, g), None
         while True:
-            if np.linalg.norm(d_sd) >= delta:
-                d_dl = delta / np.linalg.norm(d_sd) * d_sd
-            else:
-                if d_gn is None:
-                    try:
-                        d_gn = np.linalg.solve(A, g)
-                    except np.linalg.LinAlgError:
-                        d_gn = np.linalg.lstsq(A, g, rcond=None)[0]
-                if np.linalg.norm(d_gn) <= delta:
-                    d_dl = d_gn
-                else:
-                    diff = d_gn - d_sd
-                    sq_sd = np.dot(d_sd, d_sd)
-                    pnow = np.dot(diff, diff) * delta ** 2 + np.dot(d_gn, d_sd) ** 2 - np.dot(d_gn, d_gn) * sq_sd
-                    beta = (delta ** 2 - sq_sd) / (np.dot(diff, d_sd) + np.sqrt(pnow))
-                    d_dl = d_sd + beta * diff
+            if newton is None and np.linalg.norm(cauchy) < delta:
+                newton = _gauss_newton_step(A, g)  # needed only when the Cauchy step fits
+            d_dl = _dogleg_step(cauchy, newton, delta)
             step = float(np.linalg.norm(d_dl))
-            improved = False
             if step <= e_2 * np.linalg.norm(p):
                 stop = "small step"
                 break
-            r_new, cache_new = obj.residuals(p + d_dl)
-            cost, cost_new = float(np.dot(r, r)), float(np.dot(r_new, r_new))
-            rho = cost - cost_new
-            if rho > 0:
-                rho /= (2.0 * np.dot(g, d_dl) - d_dl @ A @ d_dl)
-            if rho > 0:
-                improved = True
-                p = p + d_dl
-                if e_3 > 0 and (cost - cost_new) / cost < e_3:
+            trial = p + d_dl
+            r_new, cache_new = obj.residuals(trial)
+            actual = float(r @ r) - float(r_new @ r_new)  # decrease of the cost
+            predicted = 2.0 * float(g @ d_dl) - float(d_dl @ A @ d_dl)  # ... of its linearisation
+            gain = actual / predicted if actual > 0 else actual
+            improved = gain > 0
+            if improved:
+                cost = float(r @ r)
+                p, r, cache = trial, r_new, cache_new
+                if e_3 > 0 and actual / cost < e_3:
                     stop = "relative improvement < e_3"
-                    r, cache = r_new, cache_new
                 else:
-                    r, cache = r_new, cache_new
                     J = obj.jacobian(cache)
                     A = J.T @ J
                     g = J.T @ (-r)
                     if np.linalg.norm(g, np.inf) < e_1:
                         stop = "gradient"
-            if rho > 0.9:
+            if gain > 0.9:  # the model is trusted: the region may grow
                 delta = max(delta, 2.5 * step)
-            elif rho < 0.05:
+            elif gain < 0.05:
                 delta *= 0.25
             if delta <= e_2 * np.linalg.norm(p):
                 stop = stop or "trust region too small"
