@@ -526,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="images of one group share one identity (shorthand for group.by=...)")
     ap.add_argument("--group-list", default=None, metavar="FILE",
                     help="'image,group' lines (implies --group-by list)")
+    ap.add_argument("--video", action="store_true",
+                    help="the input folder holds the frames of one clip (a clip file is recognised by its suffix)")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     args = ap.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
@@ -537,6 +539,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(SampleConfig, args.config, overrides)
         dist = init_distributed(cfg.device, key="device")
+        from .video import is_video, run_video
+
+        if args.video or is_video(args.input):  # one clip: ofer.sample.video
+            info = run_video(cfg, args.input, args.output, device=dist.device)
+            print(f"{info['frames']} frames, {len(info['filled_frames'])} filled, "
+                  f"{info['frames_per_second']:.2f} frames/s; {Path(args.output) / 'video.json'}")
+            return 0
         summary = run(cfg, args.input, args.output, device=dist.device)
         if rank == 0:
             per = summary["stage_seconds_per_image"]
