@@ -239,9 +239,10 @@ def frame_index(name: str, t: int) -> int:
 
 @torch.inference_mode()
 def reconstruct_clip(rec, frames: list[np.ndarray], kps: np.ndarray, cfg: SampleConfig, name: str = "clip",
-                     timer: dict | None = None) -> dict:
+                     timer: dict | None = None, keep_hypotheses: bool = False) -> dict:
     """The clip's identity and per-frame expressions from its frames and (filled, smoothed)
-    keypoints: a dict of numpy arrays and the chosen path (see :func:`run_video`)."""
+    keypoints: a dict of numpy arrays and the chosen path (see :func:`run_video`);
+    ``keep_hypotheses``: also every frame's M expression meshes (``hypothesis_vertices``)."""
     from ..data.images import prepare_faces_array
     from .groups import reconstruct_group
 
@@ -283,7 +284,7 @@ def reconstruct_clip(rec, frames: list[np.ndarray], kps: np.ndarray, cfg: Sample
             "data_cost": data, "exp_all": exp_c.numpy(), "jaw_all": jaw.numpy(), "identity_frames": np.asarray(rows),
             "identity_scores": gr.scores.numpy(), "identity_chosen": gr.chosen,
             "vertices": chosen_verts, "identity_vertices": gr.identity_vertices, "crops": [f.farl_crop for f in faces],
-            "mean_vertices": torch.stack([x.mean(0) for x in verts])}
+            "shape_t": shape, "hypothesis_vertices": verts if keep_hypotheses else None}
 
 
 def _write_preview_video(path: Path, frames: list[np.ndarray], kps: np.ndarray, verts: torch.Tensor,
