@@ -135,3 +135,28 @@ def test_clip_run_outputs(setup, tmp_path):  # noqa: F811
                  and tmp_path / "ind" / "motion.npz")
     np.testing.assert_array_equal(z2["chosen"], z["data_cost"].argmin(1))
     np.testing.assert_allclose(z2["shape"], z["shape"])
+
+
+def test_cli_frame_folder_with_sidecars(setup, tmp_path):  # noqa: F811
+    pytest.importorskip("av")
+    from PIL import Image
+
+    from ofer.sample.runner import main
+
+    root, images, ov = setup
+    clip = tmp_path / "frames"
+    clip.mkdir()
+    for t, fr in enumerate(_frames(4, ())):
+        Image.fromarray(fr).save(clip / f"{t:03d}.png")
+        if t != 1:  # frame 1 has no keypoints: filled from its neighbours
+            np.savetxt(clip / f"{t:03d}.kps.txt", KPS + t)
+    out = tmp_path / "out"
+    from pathlib import Path
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "sample.yaml"
+    rc = main(["--video", "-i", str(clip), "-o", str(out), "-c", str(cfg), *ov, "video.preview=false"])
+    assert rc == 0
+    z = np.load(out / "motion.npz")
+    assert list(z["filled"]) == [False, True, False, False]
+    np.testing.assert_allclose(z["kps"][:, 0, 0], 44 + np.arange(4), atol=0.6)  # filled, then smoothed
+    assert json.loads((out / "video.json").read_text())["filled_frames"] == ["001.png"]

@@ -187,11 +187,27 @@ def in_plane_pose(kps: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 # The clip run
 # ----------------------------------------------------------------------------------------
-def _detect_all(frames: list[np.ndarray], detector: Any, cfg: SampleConfig) -> np.ndarray:
-    from ..data.images import prepare_faces_array
+def _detect_all(frames: list[np.ndarray], detector: Any, cfg: SampleConfig,
+                sidecars: Sequence[Path | None] = ()) -> tuple[np.ndarray, int]:
+    """(F, 5, 2) keypoints, NaN where no face was found; a frame's sidecar (``use_sidecar``)
+    wins over the detector. Also how many came from sidecars."""
+    from ..data.images import prepare_faces_array, read_sidecar_kps
 
     kps = np.full((len(frames), 5, 2), np.nan)
+    n_side = 0
     for t, fr in enumerate(frames):
+        side = sidecars[t] if t < len(sidecars) else None
+        if side is not None:
+            try:
+                k = read_sidecar_kps(side)
+            except OferError:
+                k = None
+            if k is not None:
+                kps[t] = k
+                n_side += 1
+                continue
+        if detector is None:
+            continue
         try:
             face = prepare_faces_array(fr, detector, which=cfg.detector.faces if cfg.detector.faces != "all"
                                        else "center", channel_order=cfg.channel_order,
@@ -200,7 +216,7 @@ def _detect_all(frames: list[np.ndarray], detector: Any, cfg: SampleConfig) -> n
             kps[t] = face.kps
         except OferError:
             pass
-    return kps
+    return kps, n_side
 
 
 def _expressions(rec, shape: torch.Tensor, arc: torch.Tensor, farl: torch.Tensor, idx: list[int],
@@ -343,13 +359,16 @@ def run_video(cfg: SampleConfig, input_path: str | Path, output: str | Path, rec
         kps_raw = np.full((len(frames), 5, 2), np.nan)
         det_msg = "aligned frames"
     else:
+        sidecars = [input_path / n for n in names] if input_path.is_dir() and cfg.use_sidecar else []
         if detector is None:
             detector, det_msg = make_detector(cfg)
         else:
             det_msg = "the given detector"
-        if detector is None:
+        if detector is None and not sidecars:
             raise OferError("a clip needs a detector (detector.mode=auto, blazeface or scrfd)")
-        kps_raw = _detect_all(frames, detector, cfg)
+        kps_raw, n_side = _detect_all(frames, detector, cfg, sidecars)
+        if n_side:
+            det_msg += f"; {n_side} frame(s) with sidecar keypoints"
     timer["prepare"] += time.perf_counter() - t0
     log(f"{len(frames)} frames at {fps:.2f} fps; {det_msg}")
     if cfg.aligned:
