@@ -98,3 +98,13 @@ def test_grouped_run_shares_one_identity(setup, tmp_path):  # noqa: F811
     # a second run finds every group done
     again = run(_cfg(ov, "group.by=folder", "preview=false"), sub, out, log=lambda *a: None)
     assert again["done_before"] == 4 and again["ok"] == 0
+
+
+def test_group_config_errors(setup):  # noqa: F811
+    root, images, ov = setup
+    with pytest.raises(ConfigError, match="detector.faces"):
+        _cfg(ov, "group.by=folder", "detector.faces=all")
+    with pytest.raises(ConfigError, match="group.list"):
+        _cfg(ov, "group.by=list")
+    with pytest.raises(ConfigError, match="group.by"):
+        _cfg(ov, "group.by=people")

@@ -193,6 +193,10 @@ class SampleConfig:
         check_key(sc is None or sc > 0, p + "uncertainty.scale_mm", f"must be null or > 0, got {sc}")
         check_key(len(set(self.export)) == len(self.export), p + "export", f"lists a format twice: {self.export}")
         check_key(self.batch_size >= 1, p + "batch_size", f"must be >= 1, got {self.batch_size}")
+        check_key(self.group.by == "none" or self.detector.faces != "all", p + "detector.faces",
+                  "must be center or largest with group.by (one face per image of a group)")
+        check_key(self.group.by != "list" or bool(self.group.list), p + "group.list",
+                  "must name a file of 'image,group' lines with group.by=list")
         for key in ("idgen_sampler", "expgen_sampler"):
             v = getattr(self, key)
             check_key(v is None or v in METHODS, p + key, f"must be one of {list(METHODS)}, got {v!r}")

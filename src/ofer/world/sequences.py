@@ -190,6 +190,12 @@ def measure_photo_sets(rec, seq_dir: str | Path, world: str | Path, ks: Sequence
                 r = rows[K]
                 for rule in AGGREGATES:
                     r.setdefault(f"group ({rule})", []).append(float(errs[int(aggregate_scores(gr.scores, rule).argmax())]))
+                if K > 1:  # the alternative: N hypotheses in total, shared out over the K images
+                    g2 = reconstruct_group(rec, arc[sl], farl[sl], idx[sl], per_image=False, expressions=False)
+                    r.setdefault("group, N in total (log_softmax)", []).append(
+                        float(_face_error(g2.identity_vertices.numpy()[None], gt, face)[0]))
+                else:
+                    r.setdefault("group, N in total (log_softmax)", []).append(float(alone[s]))
                 r.setdefault("per-image ranked", []).append(float(np.mean(alone[sl])))
                 r.setdefault("average pooled hypothesis", []).append(float(errs.mean()))
                 r.setdefault("mean shape", []).append(float(_face_error(template[None], gt, face)[0]))
