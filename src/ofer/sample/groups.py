@@ -136,13 +136,15 @@ class GroupResult:
 def reconstruct_group(rec, arcface_x: torch.Tensor, farl_rgb: torch.Tensor, image_indices: list[int],
                       *, per_image: bool = True, rule: str = "log_softmax", expressions: bool = True,
                       keep_expression_vertices: bool = True, keep_hypotheses: bool = False,
-                      identity_rows: Sequence[int] | None = None, timer: dict | None = None) -> GroupResult:
+                      identity_rows: Sequence[int] | None = None, timer: dict | None = None,
+                      conds: dict[str, torch.Tensor] | None = None) -> GroupResult:
     """Reconstruct I images of one person with one identity (``rec``: a
     :class:`~ofer.sample.reconstructor.Reconstructor`).
 
     ``identity_rows``: the images the identity stage uses (all by default; a clip passes a
     sub-sample of its frames); every image gets its expressions. Hypothesis ``k`` of image
-    ``i`` depends on ``(seed, image_indices[i], k)`` only, as for single images.
+    ``i`` depends on ``(seed, image_indices[i], k)`` only, as for single images. ``conds``:
+    the three models' conditions of the images, when already encoded.
     """
     cfg: SampleConfig = rec.cfg
     timer = timer if timer is not None else {}
@@ -154,7 +156,9 @@ def reconstruct_group(rec, arcface_x: torch.Tensor, farl_rgb: torch.Tensor, imag
     rows = list(range(B)) if identity_rows is None else list(identity_rows)
     if not rows:
         raise ConfigError("a group needs at least one image for its identity")
-    conds = rec._encode(arcface_x, farl_rgb, timer)
+    if conds is None:
+        conds = rec._encode(arcface_x, farl_rgb, timer)
+    conds = {k: v.to(dev) for k, v in conds.items()}
 
     t0 = time.perf_counter()
     counts = split_counts(cfg.n_identities, len(rows), per_image)

@@ -219,20 +219,20 @@ def _detect_all(frames: list[np.ndarray], detector: Any, cfg: SampleConfig,
     return kps, n_side
 
 
-def _expressions(rec, shape: torch.Tensor, arc: torch.Tensor, farl: torch.Tensor, idx: list[int],
+def _expressions(rec, shape: torch.Tensor, cond: torch.Tensor, idx: list[int],
                  timer: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ExpGen's M hypotheses of a batch of frames on ``shape``: (exp (B, M, n_exp), jaw (B, M, 3),
-    meshes (B, M, V, 3))."""
+    """ExpGen's M hypotheses of a batch of frames (ExpGen conditions ``cond``) on ``shape``:
+    (exp (B, M, n_exp), jaw (B, M, 3), meshes (B, M, V, 3))."""
     cfg = rec.cfg
-    conds = rec._encode(arc.to(rec.device), farl.to(rec.device), timer)
     t0 = time.perf_counter()
     method, steps = cfg.sampler("expgen")
     M = cfg.n_expressions
-    x = rec.expgen.head.sample(conds["expgen"], M, method=method, steps=steps, seed=cfg.seed + 1, image_indices=idx)
+    x = rec.expgen.head.sample(cond.to(rec.device), M, method=method, steps=steps, seed=cfg.seed + 1,
+                               image_indices=idx)
     exp_c, jaw = rec.expgen.head.split(x)
     timer["expgen"] += time.perf_counter() - t0
     t0 = time.perf_counter()
-    B = arc.shape[0]
+    B = cond.shape[0]
     verts = decode(rec, shape, exp_c.reshape(B * M, -1), jaw.reshape(B * M, 3)).reshape(B, M, -1, 3)
     timer["flame"] += time.perf_counter() - t0
     return exp_c.cpu(), jaw.cpu(), verts.cpu()
@@ -276,13 +276,19 @@ def reconstruct_clip(rec, frames: list[np.ndarray], kps: np.ndarray, cfg: Sample
     idx = [frame_index(name, t) for t in range(F)]
     n_id = min(cfg.video.identity_frames, F)
     rows = sorted({int(round(x)) for x in np.linspace(0, F - 1, n_id)})
+    # every frame is encoded once, in batches; the identity frames' conditions are reused
+    parts = [rec._encode(arc[b:b + cfg.batch_size].to(rec.device), farl[b:b + cfg.batch_size].to(rec.device), timer)
+             for b in range(0, F, cfg.batch_size)]
+    conds = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    sel = torch.as_tensor(rows, device=conds["idgen"].device)
     gr = reconstruct_group(rec, arc[rows], farl[rows], [idx[r] for r in rows], per_image=cfg.group.per_image,
-                           rule=cfg.group.aggregate, expressions=False, timer=timer)
+                           rule=cfg.group.aggregate, expressions=False, timer=timer,
+                           conds={k: v[sel] for k, v in conds.items()})
     shape = gr.shape_coeffs[gr.chosen]
     exps, jaws, verts = [], [], []
     for b in range(0, F, cfg.batch_size):
         s = slice(b, b + cfg.batch_size)
-        e, j, v = _expressions(rec, shape, arc[s], farl[s], idx[s], timer)
+        e, j, v = _expressions(rec, shape, conds["expgen"][s], idx[s], timer)
         exps.append(e)
         jaws.append(j)
         verts += list(v)
