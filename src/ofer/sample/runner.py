@@ -396,6 +396,7 @@ def settings_of(cfg: SampleConfig) -> dict:
                         "scale_mm": cfg.uncertainty.scale_mm,
                         "masks": _file_id(resolve_path(root, cfg.uncertainty.masks_path))},
         "detector": config_to_dict(cfg.detector),
+        "group": config_to_dict(cfg.group), "video": config_to_dict(cfg.video),
         "checkpoints": {k: _file_id(resolve_path(root, getattr(ck, k)))
                         for k in ("idgen", "expgen", "idrank", "ranker_vertex_indices")},
         "flame": {k: _file_id(resolve_path(root, getattr(cfg.flame, k)))
@@ -454,7 +455,9 @@ def run(cfg: SampleConfig, input_path: str | os.PathLike, output: str | os.PathL
     input_path, output = Path(input_path), Path(output)
     rank, world, _ = dist_env()
     claim_output(output, cfg, rank)
-    todo, done = plan(input_path, output, rank, world, redo=cfg.overwrite, every_face=cfg.detector.faces == "all")
+    grouped = cfg.group.by != "none"
+    todo, done = plan(input_path, output, rank, world, redo=cfg.overwrite or grouped,
+                      every_face=cfg.detector.faces == "all" and not grouped)
     state = RunState(records=done)
     rec = reconstructor
     if rec is None and todo:
@@ -470,6 +473,11 @@ def run(cfg: SampleConfig, input_path: str | os.PathLike, output: str | os.PathL
     interrupted = False
     t_start = time.perf_counter()
     try:
+        if grouped:  # photo sets: one identity per group (ofer.sample.groups)
+            from .groups import run_groups
+
+            run_groups(todo, rec, detector, cfg, output, faces, state, bar)
+            todo = []
         for job in todo:
             ready = prepare(job, detector, cfg, state, None if cfg.overwrite else output)
             batch += ready
@@ -514,13 +522,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", "-o", required=True, help="output folder (re-running resumes)")
     ap.add_argument("--config", "-c", default=None, help="YAML config (e.g. configs/sample.yaml)")
     ap.add_argument("--seed", type=int, default=None, help="shorthand for seed=N")
+    ap.add_argument("--group-by", default=None, metavar="{none,folder,prefix,list}",
+                    help="images of one group share one identity (shorthand for group.by=...)")
+    ap.add_argument("--group-list", default=None, metavar="FILE",
+                    help="'image,group' lines (implies --group-by list)")
+    ap.add_argument("--video", action="store_true",
+                    help="the input folder holds the frames of one clip (a clip file is recognised by its suffix)")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     args = ap.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    if args.group_list is not None:
+        overrides += ["group.by=list", f"group.list={args.group_list}"]
+    if args.group_by is not None:
+        overrides.append(f"group.by={args.group_by}")
     rank = dist_env()[0]
     try:
         cfg = load_config(SampleConfig, args.config, overrides)
         dist = init_distributed(cfg.device, key="device")
+        from .video import is_video, run_video
+
+        if args.video or is_video(args.input):  # one clip: ofer.sample.video
+            info = run_video(cfg, args.input, args.output, device=dist.device)
+            print(f"{info['frames']} frames, {len(info['filled_frames'])} filled, "
+                  f"{info['frames_per_second']:.2f} frames/s; {Path(args.output) / 'video.json'}")
+            return 0
         summary = run(cfg, args.input, args.output, device=dist.device)
         if rank == 0:
             per = summary["stage_seconds_per_image"]

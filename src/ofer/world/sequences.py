@@ -1,0 +1,339 @@
+"""Photo sets and clips of the synthetic world, and what a group identity and a temporal path gain.
+
+``build_sequences`` renders, with a built world's head model, prior and scene:
+
+* ``photosets/set<i>/<k>.png`` (+ ``.kps.txt``): K renders of one held-out identity (random pose,
+  expression, light, background, the world's occluders); ``photosets/gt/set<i>.npz``: its
+  ``shape_coeffs`` and ``vertices_neutral``;
+* ``clips/clip<i>/<t>.png`` (+ ``.kps.txt``): a head turning from one side to the other while
+  talking (expression key frames blended smoothly, the jaw opening and closing), one camera,
+  light and background for the whole clip, and a bar sliding over the face in a stretch of
+  frames; ``clips/gt/clip<i>.npz``: per frame ``exp_coeffs``, ``jaw_pose``, ``global_pose``,
+  ``occluded`` (the bar covers the face), ``kps``; the identity's ``shape_coeffs``.
+
+``measure_photo_sets`` / ``measure_clips`` run a :class:`~ofer.sample.reconstructor.Reconstructor`
+on them (``python -m ofer.world.sequences measure``) and report the identity error of the group
+identity against the per-image ranked identities and the mean shape for each K, and the
+per-frame expression error and jitter of the dynamic-programming path against independent
+per-frame choice and the per-frame sample mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..data.occlusion import OcclusionConfig
+from ..errors import OferError
+from .build import _kps_text, _load_flame, _load_masks, _png_bytes, _rng, _write, save_npz_deterministic
+from .prior import HeadPrior
+from .scene import FaceRenderer, SceneConfig
+
+__all__ = ["SequenceConfig", "build_sequences", "measure_photo_sets", "measure_clips", "main"]
+
+_S_SET, _S_CLIP = 11, 12
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    """photo_sets x photo_set_size renders; clips x clip_frames frames, the head turning over
+    ``[-clip_yaw, clip_yaw]`` degrees, the bar over the face in ``occluded_share`` of the frames."""
+
+    photo_sets: int = 8
+    photo_set_size: int = 8
+    clips: int = 4
+    clip_frames: int = 32
+    clip_yaw: float = 30.0
+    occluded_share: float = 0.3
+    seed: int = 0
+
+
+def _world_setup(world: Path) -> tuple[FaceRenderer, HeadPrior, SceneConfig]:
+    info = json.loads((world / "world.json").read_text())["config"]
+    sc = dict(info["scene"])
+    occ = {k: tuple(v) if isinstance(v, list) else v for k, v in sc.pop("occlusion").items()}
+    sc = {k: tuple(v) if isinstance(v, list) else v for k, v in sc.items()}
+    scene = SceneConfig(**sc, occlusion=OcclusionConfig(**occ))
+    prior = HeadPrior(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["prior"].items()})
+    flame = _load_flame(world / "flame")
+    return FaceRenderer(flame, scene, _load_masks(world / "flame" / "FLAME_masks.pkl")), prior, scene
+
+
+def _npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        save_npz_deterministic(f, **arrays)
+
+
+def _smooth_keys(keys: np.ndarray, T: int) -> np.ndarray:
+    """(K, D) key frames -> (T, D), blended with a cosine ease between consecutive keys."""
+    pos = np.linspace(0, len(keys) - 1, T)
+    i0 = np.minimum(np.floor(pos).astype(int), len(keys) - 2)
+    a = (1 - np.cos(np.pi * (pos - i0))) / 2
+    return (1 - a)[:, None] * keys[i0] + a[:, None] * keys[i0 + 1]
+
+
+def build_sequences(world: str | Path, output: str | Path, cfg: SequenceConfig = SequenceConfig()) -> dict:
+    """Render the photo sets and clips of ``cfg`` with ``world``'s head model into ``output``."""
+    from scipy.spatial.transform import Rotation
+
+    world, output = Path(world), Path(output)
+    fr, prior, scene = _world_setup(world)
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        for i in range(cfg.photo_sets):
+            g = _rng(cfg.seed, _S_SET, i)
+            shape, albedo = prior.sample_identity(g), fr.sample_albedo(g)
+            K = cfg.photo_set_size
+            exps, jaws = zip(*(prior.sample_expression(g) for _ in range(K)))
+            samples = fr.render_batch(g, np.tile(shape, (K, 1)), np.stack(exps), np.stack(jaws), albedo)
+            for k, s in enumerate(samples):
+                _write(output / "photosets" / f"set{i:03d}" / f"{k:02d}.png", _png_bytes(s.image))
+                _write(output / "photosets" / f"set{i:03d}" / f"{k:02d}.kps.txt", _kps_text(s.kps))
+            neutral = fr.flame(shape_coeffs=torch.as_tensor(shape[None])).vertices[0].numpy()
+            _npz(output / "photosets" / "gt" / f"set{i:03d}.npz", shape_coeffs=shape,
+                 vertices_neutral=neutral.astype(np.float32))
+        for i in range(cfg.clips):
+            g = _rng(cfg.seed, _S_CLIP, i)
+            shape, albedo = prior.sample_identity(g), fr.sample_albedo(g)
+            T = cfg.clip_frames
+            n_keys = max(2, T // 8 + 1)
+            keys = [prior.sample_expression(g) for _ in range(n_keys)]
+            exp = _smooth_keys(np.stack([k[0] for k in keys]), T).astype(np.float32)
+            jaw = _smooth_keys(np.stack([k[1] for k in keys]), T).astype(np.float32)
+            # talking: the jaw opens and closes about twice a second at 25 fps
+            jaw[:, 0] = np.float32(prior.jaw_open[1]) * 0.5 * (1 - np.cos(2 * np.pi * np.arange(T) / 12.0))
+            yaw = np.linspace(-cfg.clip_yaw, cfg.clip_yaw, T)
+            pitch = 4.0 * np.sin(np.linspace(0, 2 * np.pi, T))
+            pose = Rotation.from_euler("YX", np.stack([yaw, pitch], 1), degrees=True).as_rotvec().astype(np.float32)
+            clip_seed = int(g.integers(2**31))
+            n_occ = int(round(cfg.occluded_share * T))
+            start = int(g.integers(0, T - n_occ + 1)) if n_occ else T
+            occluded = np.zeros(T, bool)
+            kps_all = []
+            S = scene.size
+            for t in range(T):
+                # one camera, light and background for the clip: the same draws every frame
+                s = fr.render_batch(np.random.default_rng(clip_seed), shape[None], exp[t:t + 1], jaw[t:t + 1],
+                                    albedo, occlusion=OcclusionConfig(prob=0.0), global_pose=pose[t:t + 1])[0]
+                img = s.image.copy()
+                if start <= t < start + n_occ:
+                    # a bar sweeping over the face from left to right
+                    x0, x1 = s.kps[:, 0].min(), s.kps[:, 0].max()
+                    w = 0.6 * (x1 - x0)
+                    c = x0 - w + (x1 - x0 + 2 * w) * (t - start + 0.5) / n_occ
+                    lo, hi = int(max(0, c - w / 2)), int(min(S, c + w / 2))
+                    img[:, lo:hi] = (90, 80, 70)
+                    occluded[t] = hi > lo and hi > x0 and lo < x1
+                _write(output / "clips" / f"clip{i:03d}" / f"{t:04d}.png", _png_bytes(img))
+                _write(output / "clips" / f"clip{i:03d}" / f"{t:04d}.kps.txt", _kps_text(s.kps))
+                kps_all.append(s.kps)
+            _npz(output / "clips" / "gt" / f"clip{i:03d}.npz", shape_coeffs=shape, exp_coeffs=exp, jaw_pose=jaw,
+                 global_pose=pose, occluded=occluded, kps=np.stack(kps_all).astype(np.float32))
+    info = {"config": cfg.__dict__, "world": str(world)}
+    _write(output / "sequences.json", (json.dumps(info, indent=1) + "\n").encode())
+    return info
+
+
+# ----------------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------------
+def _face_error(v: np.ndarray, gt: np.ndarray, face: np.ndarray) -> np.ndarray:
+    """(..., V, 3) against (V, 3) or (..., V, 3), metres -> mean face-region distance, mm."""
+    return np.linalg.norm(v[..., face, :] - gt[..., face, :], axis=-1).mean(-1) * 1000.0
+
+
+def _faces_of(folder: Path, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..data.images import prepare_faces
+
+    arc, farl = [], []
+    for p in sorted(folder.glob("*.png")):
+        f = prepare_faces(p, None, which="center", channel_order=cfg.channel_order)[0]
+        arc.append(torch.from_numpy(f.arcface))
+        farl.append(torch.from_numpy(f.farl_crop).permute(2, 0, 1))
+    return torch.stack(arc), torch.stack(farl)
+
+
+def measure_photo_sets(rec, seq_dir: str | Path, world: str | Path, ks: Sequence[int] = (1, 2, 4, 8)) -> dict:
+    """Identity error (mm, face region, neutral) of the group identity (each aggregate rule),
+    the per-image ranked identities (mean over the group's images) and the mean shape, for
+    groups of K images (every disjoint run of K images of each set)."""
+    from ..flame.assets import safe_load_pickle
+    from ..sample.groups import AGGREGATES, aggregate_scores, reconstruct_group
+    from ..sample.reconstructor import image_seed_index
+
+    seq_dir, world = Path(seq_dir), Path(world)
+    face = np.asarray(safe_load_pickle(world / "flame" / "FLAME_masks.pkl")["face"])
+    template = rec.flame_id.v_template.detach().cpu().numpy()
+    rows: dict[int, dict[str, list[float]]] = {k: {} for k in ks}
+    for gt_path in sorted((seq_dir / "photosets" / "gt").glob("*.npz")):
+        gt = np.load(gt_path)["vertices_neutral"].astype(np.float64)
+        folder = seq_dir / "photosets" / gt_path.stem
+        arc, farl = _faces_of(folder, rec.cfg)
+        idx = [image_seed_index(f"{gt_path.stem}/{k}") for k in range(len(arc))]
+        alone = []
+        for i in range(len(arc)):
+            g1 = reconstruct_group(rec, arc[i:i + 1], farl[i:i + 1], idx[i:i + 1], expressions=False)
+            alone.append(_face_error(g1.identity_vertices.numpy()[None], gt, face)[0])
+        for K in ks:
+            for s in range(0, len(arc) - K + 1, K):
+                sl = slice(s, s + K)
+                gr = reconstruct_group(rec, arc[sl], farl[sl], idx[sl], expressions=False, keep_hypotheses=True)
+                errs = _face_error(gr.hypothesis_vertices.numpy(), gt, face)
+                r = rows[K]
+                for rule in AGGREGATES:
+                    r.setdefault(f"group ({rule})", []).append(float(errs[int(aggregate_scores(gr.scores, rule).argmax())]))
+                if K > 1:  # the alternative: N hypotheses in total, shared out over the K images
+                    g2 = reconstruct_group(rec, arc[sl], farl[sl], idx[sl], per_image=False, expressions=False)
+                    r.setdefault("group, N in total (log_softmax)", []).append(
+                        float(_face_error(g2.identity_vertices.numpy()[None], gt, face)[0]))
+                else:
+                    r.setdefault("group, N in total (log_softmax)", []).append(float(alone[s]))
+                r.setdefault("per-image ranked", []).append(float(np.mean(alone[sl])))
+                r.setdefault("average pooled hypothesis", []).append(float(errs.mean()))
+                r.setdefault("mean shape", []).append(float(_face_error(template[None], gt, face)[0]))
+                r.setdefault("best pooled hypothesis (oracle)", []).append(float(errs.min()))
+    return {str(K): {name: {"mean_mm": float(np.mean(v)), "groups": len(v)} for name, v in r.items()}
+            for K, r in rows.items()}
+
+
+def measure_clips(rec, seq_dir: str | Path, world: str | Path, kps_noise_px: float = 1.5,
+                  smooth_weights: Sequence[float] = (0.5, 1.0, 2.0, 4.0), seed: int = 0) -> dict:
+    """Per-frame expression error (mm, face region: the expression's displacement from the
+    neutral head, so that the identity's error is left out) and jitter (mean vertex
+    acceleration, mm) of the DP path (each smoothness weight), independent per-frame choice and
+    the per-frame sample mean. The keypoints are the world's with Gaussian noise of
+    ``kps_noise_px`` and missing (detection failed) on the frames the bar covers, then filled
+    and smoothed as :func:`ofer.sample.video.run_video` does."""
+    from ..flame.assets import safe_load_pickle
+    from ..sample.video import choose_expressions, decode, fill_gaps, jitter_mm, reconstruct_clip, smooth_keypoints
+
+    seq_dir, world = Path(seq_dir), Path(world)
+    face = np.asarray(safe_load_pickle(world / "flame" / "FLAME_masks.pkl")["face"])
+    cfg = rec.cfg
+    from ..flame import FLAME
+
+    flame_gt = FLAME(world / "flame" / "generic_model.pkl", None, n_shape=300, n_exp=100)
+    rng = np.random.default_rng(seed)
+    out: dict[str, dict[str, list[float]]] = {}
+    for gt_path in sorted((seq_dir / "clips" / "gt").glob("*.npz")):
+        gt = np.load(gt_path)
+        from PIL import Image
+
+        frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((seq_dir / "clips" / gt_path.stem).glob("*.png"))]
+        kps = gt["kps"].astype(np.float64) + rng.normal(0, kps_noise_px, gt["kps"].shape)
+        kps[gt["occluded"]] = np.nan
+        kps, _ = fill_gaps(kps)
+        kps = smooth_keypoints(kps, cfg.video.smooth_sigma)
+        res = reconstruct_clip(rec, frames, kps, cfg, gt_path.stem, keep_hypotheses=True)
+        with torch.no_grad():
+            T = len(frames)
+            sh = torch.as_tensor(gt["shape_coeffs"])[None].expand(T, -1)
+            gv = flame_gt(shape_coeffs=sh, exp_coeffs=torch.as_tensor(gt["exp_coeffs"]),
+                          jaw_pose=torch.as_tensor(gt["jaw_pose"])).vertices.numpy().astype(np.float64)
+            g0 = flame_gt(shape_coeffs=sh[:1]).vertices.numpy()[0].astype(np.float64)
+            p0 = res["identity_vertices"].numpy().astype(np.float64)
+        hyp = res["hypothesis_vertices"]
+        gt_disp = gv - g0
+        occ = gt["occluded"]
+        choices = {"mean": ("mean", 1.0), "independent": ("independent", 1.0)}
+        choices.update({f"dp (smooth {w:g})": ("dp", w) for w in smooth_weights})
+        for name, (choice, w) in choices.items():
+            path, _ = choose_expressions(hyp, choice, cfg.video.data_weight, w)
+            if choice == "mean":
+                v = decode(rec, res["shape_t"], torch.as_tensor(res["exp_all"]).mean(1),
+                           torch.as_tensor(res["jaw_all"]).mean(1)).cpu().numpy()
+            else:
+                v = torch.stack([hyp[t][path[t]] for t in range(T)]).numpy()
+            v = v.astype(np.float64)
+            err = _face_error(v - p0, gt_disp, face)
+            d = out.setdefault(name, {})
+            d.setdefault("error_mm", []).append(float(err.mean()))
+            d.setdefault("error_occluded_frames_mm", []).append(float(err[occ].mean()) if occ.any() else math.nan)
+            d.setdefault("jitter_mm", []).append(jitter_mm(v))
+        out.setdefault("ground truth", {}).setdefault("jitter_mm", []).append(jitter_mm(gv))
+    return {name: {k: float(np.nanmean(v)) for k, v in d.items()} | {"clips": len(next(iter(d.values())))}
+            for name, d in out.items()}
+
+
+def format_measurements(rep: dict) -> str:
+    """Markdown tables of :func:`measure_photo_sets` and :func:`measure_clips`."""
+    lines = []
+    if "photo_sets" in rep:
+        ps = rep["photo_sets"]
+        ks = list(ps)
+        names = list(ps[ks[0]])
+        lines += ["| identity error (mm) | " + " | ".join(f"K = {k}" for k in ks) + " |",
+                  "|---|" + "---|" * len(ks)]
+        for n in names:
+            lines.append(f"| {n} | " + " | ".join(f"{ps[k][n]['mean_mm']:.3f}" for k in ks) + " |")
+        lines.append("")
+        lines.append("groups per K: " + ", ".join(f"{k}: {ps[k][names[0]]['groups']}" for k in ks))
+        lines.append("")
+    if "clips" in rep:
+        cl = rep["clips"]
+        lines += ["| per-frame expression | error (mm) | error, occluded frames (mm) | jitter (mm/frame^2) |",
+                  "|---|---|---|---|"]
+        for n, d in cl.items():
+            if n == "ground truth":
+                continue
+            lines.append(f"| {n} | {d['error_mm']:.3f} | {d['error_occluded_frames_mm']:.3f} | {d['jitter_mm']:.3f} |")
+        if "ground truth" in cl:
+            lines.append(f"| ground truth | 0 | 0 | {cl['ground truth']['jitter_mm']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``build`` the sequences of a world, or ``measure`` a sampling config's models on them."""
+    ap = argparse.ArgumentParser(prog="python -m ofer.world.sequences", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--world", required=True)
+    b.add_argument("--output", required=True)
+    for f in SequenceConfig.__dataclass_fields__.values():
+        b.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    m = sub.add_parser("measure")
+    m.add_argument("--sequences", required=True)
+    m.add_argument("--world", required=True)
+    m.add_argument("--config", required=True, help="sampling config (YAML) naming the models")
+    m.add_argument("--output", default=None, help="write the measurements here (.json; .md beside)")
+    m.add_argument("--ks", default="1,2,4,8")
+    m.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "build":
+            cfg = SequenceConfig(**{k: getattr(args, k) for k in SequenceConfig.__dataclass_fields__})
+            build_sequences(args.world, args.output, cfg)
+            return 0
+        from ..config import load_config
+        from ..sample import Reconstructor, SampleConfig
+
+        scfg = load_config(SampleConfig, args.config, list(args.overrides))
+        rec = Reconstructor.from_config(scfg)
+        rep: dict[str, Any] = {"config": {"n_identities": scfg.n_identities, "n_expressions": scfg.n_expressions,
+                                          "seed": scfg.seed, "video": scfg.video.__dict__}}
+        rep["photo_sets"] = measure_photo_sets(rec, args.sequences, args.world,
+                                               [int(k) for k in args.ks.split(",")])
+        rep["clips"] = measure_clips(rec, args.sequences, args.world)
+        text = format_measurements(rep)
+        print(text)
+        if args.output:
+            p = Path(args.output)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps(rep, indent=1) + "\n")
+            p.with_suffix(".md").write_text(text)
+        return 0
+    except OferError as exc:
+        print(f"error: {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
