@@ -238,7 +238,7 @@ def prepare(job: Job, detector: Any, cfg: SampleConfig, state: RunState, output:
     try:
         faces = prepare_faces(job.path, detector, aligned=cfg.aligned, use_sidecar=cfg.use_sidecar, which=which,
                               channel_order=cfg.channel_order, min_relative_size=cfg.detector.min_relative_size,
-                              max_kps_residual=cfg.max_kps_residual)
+                              max_kps_residual=cfg.max_kps_residual, **cfg.crop_options())
     except OferError as exc:
         state.fail(job, str(exc))
         return []
@@ -395,7 +395,7 @@ def settings_of(cfg: SampleConfig) -> dict:
         "uncertainty": {"top_k": cfg.uncertainty.top_k, "meshes": cfg.uncertainty.meshes,
                         "scale_mm": cfg.uncertainty.scale_mm,
                         "masks": _file_id(resolve_path(root, cfg.uncertainty.masks_path))},
-        "detector": config_to_dict(cfg.detector),
+        "detector": config_to_dict(cfg.detector), "crops": cfg.crop_options(),
         "checkpoints": {k: _file_id(resolve_path(root, getattr(ck, k)))
                         for k in ("idgen", "expgen", "idrank", "ranker_vertex_indices")},
         "flame": {k: _file_id(resolve_path(root, getattr(cfg.flame, k)))
