@@ -384,7 +384,7 @@ def jpeg_round_trip(crop: np.ndarray, quality: int) -> np.ndarray:
     Image.fromarray(np.ascontiguousarray(crop)).save(buf, format="JPEG", quality=int(quality))
     buf.seek(0)
     with Image.open(buf) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
 def _detect(detector: Detector, image: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:

@@ -133,6 +133,10 @@ class SampleConfig:
     #: reproduce the released ranker's ArcFace call on one image (its BatchNorm1d is skipped)
     ranker_batch1_quirk: Optional[bool] = None  # None: True for "faithful"
     batch_size: int = 8
+    #: ``seeded``: hypothesis k of an image is drawn from (seed, the image's path, k), whatever
+    #: the batch; ``released``: the released test script's stream, image after image in the
+    #: order of the run (:mod:`ofer.sample.released_noise`; one process, legacy_ddim + ddpm)
+    noise: Literal["seeded", "released"] = "seeded"
     channel_order: Literal["bgr", "rgb"] = "bgr"
     aligned: bool = False
     use_sidecar: bool = True
@@ -170,6 +174,10 @@ class SampleConfig:
         for key in ("idgen_sampler", "expgen_sampler"):
             v = getattr(self, key)
             check_key(v is None or v in METHODS, p + key, f"must be one of {list(METHODS)}, got {v!r}")
+        if self.noise == "released":
+            methods = {w: self.sampler(w)[0] for w in ("idgen", "expgen")}
+            check_key(methods == {"idgen": "legacy_ddim", "expgen": "ddpm"}, p + "noise",
+                      f"'released' follows the released samplers (idgen legacy_ddim, expgen ddpm), got {methods}")
         check_key(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                p + "device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
