@@ -288,8 +288,8 @@ def reconstruct_batch(batch: list[Job], rec: Reconstructor, cfg: SampleConfig, o
     idx = [image_seed_index(j.rel) for j in batch]
     t_batch = time.perf_counter()
     try:
-        noise = state.released.for_images([j.rel for j in batch]) if state.released is not None else None
-        results = rec.reconstruct(arc, farl, idx, state.timer, noise=noise)
+        given = {} if state.released is None else {"noise": state.released.for_images([j.rel for j in batch])}
+        results = rec.reconstruct(arc, farl, idx, state.timer, **given)
     except (OferError, RuntimeError) as exc:
         if len(batch) > 1:
             for j in batch:
