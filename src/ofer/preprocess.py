@@ -78,6 +78,7 @@ def preprocess_folder(
     use_sidecar: bool = True,
     channel_order: str = "bgr",
     antialias: bool = True,
+    warp: str = "float",
     overwrite: bool = False,
     jpeg_quality: int = CROP_JPEG_QUALITY,
     progress: bool = True,
@@ -87,6 +88,8 @@ def preprocess_folder(
     Args:
         detector: an object with insightface's ``detect`` interface; when ``None`` an SCRFD
             detector is built on first need from ``detector_dir`` / ``detector_name``.
+        antialias, warp: as :func:`ofer.data.images.prepare_faces` (``antialias=False,
+            warp="opencv"``: the released ``arcface_process.py`` crops).
 
     Returns:
         ``{"done": [...], "skipped": [...], "failed": [(relpath, reason), ...]}``.
@@ -114,7 +117,7 @@ def preprocess_folder(
             continue
         try:
             face = prepare_face(image, detector if detector is not None else lazy, aligned=aligned, use_sidecar=use_sidecar,
-                                channel_order=channel_order, antialias=antialias)
+                                channel_order=channel_order, antialias=antialias, warp=warp)
             write_face_crops(face, npy_path.with_suffix(""), jpeg_quality=jpeg_quality)
             result["done"].append(rel.as_posix())
         except ImageError as exc:
@@ -159,6 +162,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="channel order of the .npy: bgr = OFER's files and checkpoints (default), rgb = MICA")
     p.add_argument("--no-antialias", action="store_true",
                    help="plain bilinear sampling even when shrinking a large face (as OpenCV)")
+    p.add_argument("--warp", choices=("float", "opencv"), default="float",
+                   help="ArcFace crop sampling: float (default) or opencv (cv2.warpAffine's 1/32 px grid, "
+                        "as the released files; with --no-antialias)")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
     p.add_argument("--jpeg-quality", type=int, default=CROP_JPEG_QUALITY, help="quality of the 224 crop JPEG (default 95)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -174,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.input, args.output, detector_dir=args.detector_dir, detector_name=args.detector_name,
             det_size=args.det_size, det_thresh=args.det_thresh, aligned=args.aligned,
             use_sidecar=not args.no_sidecar, channel_order=args.channel_order,
-            antialias=not args.no_antialias, overwrite=args.overwrite, jpeg_quality=args.jpeg_quality,
+            antialias=not args.no_antialias, warp=args.warp, overwrite=args.overwrite, jpeg_quality=args.jpeg_quality,
             progress=not args.no_progress,
         )
     except OferError as exc:

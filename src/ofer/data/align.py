@@ -23,8 +23,9 @@ flips with the same call, so the ``.npy`` files it ships and its checkpoints wer
 with **BGR** blobs. Use ``channel_order="bgr"`` with OFER checkpoints (the default here) and
 ``"rgb"`` with MICA weights.
 
-The warp is computed in floating point; OpenCV quantises coordinates to 1/32 pixel and
-weights to 11 bits, so results can differ from ``cv2.warpAffine`` by about one grey level.
+The warp is computed in floating point by default; OpenCV rounds sample positions to 1/32
+pixel, which moves about one pixel in ten by a grey level or more on sharp images.
+``grid="opencv"`` (:func:`warp_affine`) samples on OpenCV's grid instead.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "Detector",
     "umeyama",
     "estimate_norm",
+    "WARP_GRIDS",
     "warp_affine",
     "norm_crop",
     "arcface_blob",
@@ -130,8 +132,36 @@ def _invert_affine(m: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # Warping
 # --------------------------------------------------------------------------------------
+#: How :func:`warp_affine` places its samples: ``"float"`` (exact positions and weights) or
+#: ``"opencv"`` (``cv2.warpAffine``'s fixed point, the released ArcFace crop).
+WARP_GRIDS = ("float", "opencv")
+
+#: ``cv2.warpAffine`` rounds sample positions to ``1 / 2**_CV_INTER_BITS`` px after summing
+#: terms rounded to ``1 / 2**_CV_AB_BITS`` px.
+_CV_INTER_BITS = 5
+_CV_AB_BITS = 10
+
+
+def _opencv_positions(inv: np.ndarray, out_w: int, out_h: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample positions of ``cv2.warpAffine`` (bilinear): the row term and the column term are
+    each rounded to 1/1024 px (to nearest, ties to even), summed, and floored to 1/32 px after
+    adding half a step."""
+    ab = float(1 << _CV_AB_BITS)
+    shift = _CV_AB_BITS - _CV_INTER_BITS
+    half = 1 << (shift - 1)
+    xs = np.arange(out_w, dtype=np.float64)
+    ys = np.arange(out_h, dtype=np.float64)
+    pos = []
+    for r in range(2):
+        col = np.rint(inv[r, 0] * xs * ab).astype(np.int64)
+        row = np.rint((inv[r, 1] * ys + inv[r, 2]) * ab).astype(np.int64)
+        fixed = (row[:, None] + col[None, :] + half) >> shift
+        pos.append(fixed.astype(np.float64) / (1 << _CV_INTER_BITS))
+    return pos[0], pos[1]
+
+
 def warp_affine(image: np.ndarray, m: np.ndarray, size: int | tuple[int, int],
-                border_value: float = 0.0) -> np.ndarray:
+                border_value: float = 0.0, grid: str = "float") -> np.ndarray:
     """Bilinear affine warp with a constant border, the semantics of ``cv2.warpAffine``.
 
     Output pixel ``(x, y)`` takes the bilinear sample of ``image`` at ``M^-1 (x, y, 1)``;
@@ -142,10 +172,16 @@ def warp_affine(image: np.ndarray, m: np.ndarray, size: int | tuple[int, int],
         m: ``(2, 3)`` matrix mapping image coordinates to output coordinates.
         size: output side, or ``(width, height)``.
         border_value: value outside the image.
+        grid: ``"float"``: positions and weights in floating point; ``"opencv"``: positions on
+            OpenCV's 1/32 px grid with its rounding (weights are then multiples of 1/1024,
+            exact in float, and integer outputs round halves up), which reproduces
+            ``cv2.warpAffine(..., INTER_LINEAR)`` on uint8 images.
 
     Returns:
         Array of shape ``(h, w[, C])``, the dtype of ``image`` (integers rounded and clipped).
     """
+    if grid not in WARP_GRIDS:
+        raise ValueError(f"grid must be one of {WARP_GRIDS}, got {grid!r}")
     img = np.asarray(image)
     squeeze = img.ndim == 2
     if squeeze:
@@ -155,34 +191,39 @@ def warp_affine(image: np.ndarray, m: np.ndarray, size: int | tuple[int, int],
     out_w, out_h = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
     h, w, c = img.shape
     inv = _invert_affine(m)
-    ys, xs = np.mgrid[0:out_h, 0:out_w].astype(np.float64)
-    sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
-    sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+    if grid == "opencv":
+        sx, sy = _opencv_positions(inv, out_w, out_h)
+    else:
+        ys, xs = np.mgrid[0:out_h, 0:out_w].astype(np.float64)
+        sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
+        sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+    wdt = np.float64 if grid == "opencv" else np.float32
     # Pad by two pixels of border and clamp the sample positions into the padded frame: a
     # far-away sample then lands on border pixels only, so every tap is a valid flat index.
-    pad = np.full((h + 4, w + 4, c), border_value, dtype=np.float32)
+    pad = np.full((h + 4, w + 4, c), border_value, dtype=wdt)
     pad[2:-2, 2:-2] = img
     flat = pad.reshape(-1, c)
     sx = np.clip(sx + 2.0, 0.0, w + 2.0)
     sy = np.clip(sy + 2.0, 0.0, h + 2.0)
     x0 = np.floor(sx)
     y0 = np.floor(sy)
-    fx = (sx - x0).astype(np.float32).reshape(-1, 1)
-    fy = (sy - y0).astype(np.float32).reshape(-1, 1)
+    fx = (sx - x0).astype(wdt).reshape(-1, 1)
+    fy = (sy - y0).astype(wdt).reshape(-1, 1)
     i00 = (y0.astype(np.int64) * (w + 4) + x0.astype(np.int64)).reshape(-1)
     top = flat[i00] * (1 - fx) + flat[i00 + 1] * fx
     bottom = flat[i00 + (w + 4)] * (1 - fx) + flat[i00 + (w + 5)] * fx
     out = (top * (1 - fy) + bottom * fy).reshape(out_h, out_w, c)
     if np.issubdtype(img.dtype, np.integer):
         info = np.iinfo(img.dtype)
-        out = np.clip(np.rint(out), info.min, info.max)
+        out = np.clip(np.floor(out + 0.5) if grid == "opencv" else np.rint(out), info.min, info.max)
     out = out.astype(img.dtype)
     return out[..., 0] if squeeze else out
 
 
-def norm_crop(image: np.ndarray, kps: np.ndarray, image_size: int = 112) -> np.ndarray:
-    """ArcFace-aligned crop ``(image_size, image_size, C)`` of ``image`` (same dtype)."""
-    return warp_affine(image, estimate_norm(kps, image_size), image_size)
+def norm_crop(image: np.ndarray, kps: np.ndarray, image_size: int = 112, grid: str = "float") -> np.ndarray:
+    """ArcFace-aligned crop ``(image_size, image_size, C)`` of ``image`` (same dtype; ``grid``
+    as :func:`warp_affine`)."""
+    return warp_affine(image, estimate_norm(kps, image_size), image_size, grid=grid)
 
 
 def arcface_blob(aligned: np.ndarray, channel_order: str = "bgr") -> np.ndarray:

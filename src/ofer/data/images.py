@@ -51,6 +51,7 @@ from ..geometry import umeyama as similarity_fit
 from .align import (
     ARCFACE_TEMPLATE,
     MIN_RELATIVE_SIZE,
+    WARP_GRIDS,
     Detector,
     arcface_blob,
     box_from_kps,
@@ -76,6 +77,7 @@ __all__ = [
     "check_keypoints",
     "keypoint_residual",
     "file_notes",
+    "jpeg_round_trip",
     "CROP_JPEG_QUALITY",
     "crop_file_paths",
     "write_face_crops",
@@ -365,10 +367,24 @@ def _reduce_for_warp(image: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.n
     return small, (np.vstack([m, [0, 0, 1]]) @ s)[:2]
 
 
-def _crop(image: np.ndarray, m: np.ndarray, size: int, antialias: bool) -> np.ndarray:
+def _crop(image: np.ndarray, m: np.ndarray, size: int, antialias: bool, grid: str = "float") -> np.ndarray:
     if antialias:
         image, m = _reduce_for_warp(image, m)
-    return warp_affine(image, m, size)
+    return warp_affine(image, m, size, grid=grid)
+
+
+def jpeg_round_trip(crop: np.ndarray, quality: int) -> np.ndarray:
+    """``crop`` ``(H, W, 3)`` uint8 RGB as it reads back from a JPEG of ``quality`` (Pillow's
+    encoder, 4:2:0 chroma): what a model sees when the crop went through a file."""
+    from PIL import Image
+
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"JPEG quality must be in [1, 100], got {quality}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(crop)).save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    with Image.open(buf) as img:
+        return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
 def _detect(detector: Detector, image: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
@@ -399,7 +415,8 @@ _CHOICE_NOTES = {"center": "used the one nearest the image centre", "largest": "
 
 
 def _one_face(image: np.ndarray, kps: np.ndarray, box: np.ndarray | None, name: str, channel_order: str,
-              antialias: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+              antialias: bool, warp: str = "float",
+              farl_jpeg_quality: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(arcface blob, FaRL crop, kps, box, notes) of one face."""
     h, w = image.shape[:2]
     kps = np.asarray(kps, dtype=np.float64)
@@ -418,8 +435,11 @@ def _one_face(image: np.ndarray, kps: np.ndarray, box: np.ndarray | None, name: 
         if not inside.any():
             raise ImageError(f"{name}: all 5 keypoints lie outside the {w}x{h} image")
         notes.append("some keypoints lie outside the image")
-    blob = arcface_blob(_crop(image, m112, 112, antialias), channel_order)
-    return blob, _crop(image, m224, 224, antialias), kps, np.asarray(box, dtype=np.float64), notes
+    blob = arcface_blob(_crop(image, m112, 112, antialias, warp), channel_order)
+    crop = _crop(image, m224, 224, antialias)
+    if farl_jpeg_quality:
+        crop = jpeg_round_trip(crop, farl_jpeg_quality)
+    return blob, crop, kps, np.asarray(box, dtype=np.float64), notes
 
 
 def prepare_faces_array(
@@ -432,6 +452,8 @@ def prepare_faces_array(
     channel_order: str = "bgr",
     detect_max_side: int = 1600,
     antialias: bool = True,
+    warp: str = "float",
+    farl_jpeg_quality: int | None = None,
     name: str = "image",
     source_hint: str | None = None,
     min_relative_size: float = MIN_RELATIVE_SIZE,
@@ -442,8 +464,11 @@ def prepare_faces_array(
     ``kps`` is ``(5, 2)`` or, for several faces, ``(K, 5, 2)``; given keypoints are checked by
     :func:`check_keypoints` (``max_kps_residual`` None skips the template fit). ``which`` is
     ``"center"``, ``"largest"`` or ``"all"`` (see the module docstring). Never empty: no face
-    is an :class:`ImageError`.
+    is an :class:`ImageError`. ``antialias``, ``warp``, ``farl_jpeg_quality``: as
+    :func:`prepare_faces`.
     """
+    if warp not in WARP_GRIDS:
+        raise ValueError(f"warp must be one of {WARP_GRIDS}, got {warp!r}")
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ImageError(f"{name}: expected an (H, W, 3) uint8 RGB array, got {image.dtype} {image.shape}")
@@ -494,7 +519,7 @@ def prepare_faces_array(
     out = []
     for k, i in enumerate(chosen):
         blob, crop, kp, box, notes = _one_face(image, kpss[i], None if boxes is None else boxes[i], name,
-                                               channel_order, antialias)
+                                               channel_order, antialias, warp, farl_jpeg_quality)
         if n_faces > 1:
             notes.append(f"{n_faces} faces found; " + _CHOICE_NOTES.get(which, f"face {k + 1} of {len(chosen)} used, "
                                                                          f"numbered from the left"))
@@ -526,6 +551,8 @@ def prepare_faces(
     channel_order: str = "bgr",
     detect_max_side: int = 1600,
     antialias: bool = True,
+    warp: str = "float",
+    farl_jpeg_quality: int | None = None,
     min_side: int = 32,
     min_relative_size: float = MIN_RELATIVE_SIZE,
     max_kps_residual: float | None = MAX_KPS_RESIDUAL,
@@ -547,6 +574,12 @@ def prepare_faces(
             always taken from the full-resolution image.
         antialias: box-filter before warping when the face is shrunk more than 2x
             (``False`` reproduces OpenCV's aliased sampling).
+        warp: how the ArcFace crop is sampled: ``"float"`` (exact bilinear) or ``"opencv"``
+            (``cv2.warpAffine``'s 1/32 px grid, as the released ``norm_crop``); the FaRL crop is
+            always sampled in floating point (the released scikit-image ``warp``).
+        farl_jpeg_quality: pass the FaRL crop through a JPEG of this quality
+            (:func:`jpeg_round_trip`; the released pipeline read it back from a quality-95
+            file); ``None`` or 0: hand it over as sampled.
         min_side: smaller images are refused (aligned inputs are exempt).
         min_relative_size: faces smaller than this fraction of the largest are not candidates.
         max_kps_residual: the template-fit limit for given keypoints (:func:`check_keypoints`).
@@ -567,7 +600,8 @@ def prepare_faces(
         hint = "sidecar" if kps is not None else None
     faces = prepare_faces_array(
         image, detector, kps=kps, aligned=aligned, which=which, channel_order=channel_order,
-        detect_max_side=detect_max_side, antialias=antialias, name=str(p), source_hint=hint,
+        detect_max_side=detect_max_side, antialias=antialias, warp=warp, farl_jpeg_quality=farl_jpeg_quality,
+        name=str(p), source_hint=hint,
         min_relative_size=min_relative_size, max_kps_residual=max_kps_residual,
     )
     notes = file_notes(p)

@@ -9,7 +9,7 @@ from ..config import check_key
 from ..diffusion.samplers import METHODS
 
 __all__ = ["SampleConfig", "FlameSection", "CheckpointSection", "DetectorSection", "UncertaintySection",
-           "GroupSection", "VideoSection", "EXPORTS", "PRESETS"]
+           "GroupSection", "VideoSection", "PreprocessSection", "EXPORTS", "PRESETS", "PREPROCESS_PRESETS"]
 
 #: Sampler (method, steps) of each generator under each preset.
 PRESETS = {
@@ -17,6 +17,33 @@ PRESETS = {
     # the released pipeline: strided legacy DDIM (251 evaluations) and ancestral DDPM (1000)
     "faithful": {"idgen": ("legacy_ddim", None), "expgen": ("ddpm", 1000)},
 }
+
+
+#: Face crops of each preset: (antialias, warp, farl_jpeg_quality); see :class:`PreprocessSection`.
+PREPROCESS_PRESETS = {
+    "fast": (True, "float", None),
+    # the released arcface_process.py: no prefilter, cv2.warpAffine, the crop read back from a q95 JPEG
+    "faithful": (False, "opencv", 95),
+}
+
+
+@dataclass
+class PreprocessSection:
+    """How the two face crops are made (:func:`ofer.data.images.prepare_faces`); ``None``: the preset's.
+
+    ``antialias``: box-filter a face shrunk 2x or more before warping (fast: on; the released
+    crops alias). ``warp``: ``float`` or ``opencv`` (the ArcFace crop on ``cv2.warpAffine``'s
+    1/32 px grid, as released). ``farl_jpeg_quality``: the FaRL crop goes through a JPEG of
+    this quality first, as the released one did through its file (faithful: 95); 0: not.
+    """
+
+    antialias: Optional[bool] = None
+    warp: Optional[Literal["float", "opencv"]] = None
+    farl_jpeg_quality: Optional[int] = None
+
+    def validate(self, p: str) -> None:
+        q = self.farl_jpeg_quality
+        check_key(q is None or 0 <= q <= 100, p + "farl_jpeg_quality", f"must be null or in [0, 100], got {q}")
 
 
 @dataclass
@@ -158,6 +185,10 @@ class SampleConfig:
     #: reproduce the released ranker's ArcFace call on one image (its BatchNorm1d is skipped)
     ranker_batch1_quirk: Optional[bool] = None  # None: True for "faithful"
     batch_size: int = 8
+    #: ``seeded``: hypothesis k of an image is drawn from (seed, the image's path, k), whatever
+    #: the batch; ``released``: the released test script's stream, image after image in the
+    #: order of the run (:mod:`ofer.sample.released_noise`; one process, legacy_ddim + ddpm)
+    noise: Literal["seeded", "released"] = "seeded"
     channel_order: Literal["bgr", "rgb"] = "bgr"
     aligned: bool = False
     use_sidecar: bool = True
@@ -177,6 +208,7 @@ class SampleConfig:
     flame: FlameSection = field(default_factory=FlameSection)
     checkpoints: CheckpointSection = field(default_factory=CheckpointSection)
     detector: DetectorSection = field(default_factory=DetectorSection)
+    preprocess: PreprocessSection = field(default_factory=PreprocessSection)
     uncertainty: UncertaintySection = field(default_factory=UncertaintySection)
     group: GroupSection = field(default_factory=GroupSection)
     video: VideoSection = field(default_factory=VideoSection)
@@ -200,6 +232,10 @@ class SampleConfig:
         for key in ("idgen_sampler", "expgen_sampler"):
             v = getattr(self, key)
             check_key(v is None or v in METHODS, p + key, f"must be one of {list(METHODS)}, got {v!r}")
+        if self.noise == "released":
+            methods = {w: self.sampler(w)[0] for w in ("idgen", "expgen")}
+            check_key(methods == {"idgen": "legacy_ddim", "expgen": "ddpm"}, p + "noise",
+                      f"'released' follows the released samplers (idgen legacy_ddim, expgen ddpm), got {methods}")
         check_key(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                p + "device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
@@ -215,6 +251,14 @@ class SampleConfig:
     def samplers_overridden(self) -> bool:
         """Whether a sampler key overrides the preset."""
         return any(getattr(self, f"{w}_{k}") is not None for w in ("idgen", "expgen") for k in ("sampler", "steps"))
+
+    def crop_options(self) -> dict:
+        """``antialias``, ``warp``, ``farl_jpeg_quality`` (None: none) for
+        :func:`ofer.data.images.prepare_faces`: the preset's, overridden by ``preprocess.*``."""
+        pre = self.preprocess
+        given = (pre.antialias, pre.warp, pre.farl_jpeg_quality)
+        values = [p if g is None else g for p, g in zip(PREPROCESS_PRESETS[self.preset], given)]
+        return {"antialias": bool(values[0]), "warp": values[1], "farl_jpeg_quality": values[2] or None}
 
     @property
     def batch1_quirk(self) -> bool:

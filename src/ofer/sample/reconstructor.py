@@ -178,7 +178,8 @@ class Reconstructor:
 
     @torch.inference_mode()
     def reconstruct(self, arcface_x: torch.Tensor, farl_rgb: torch.Tensor, image_indices: list[int],
-                    timer: dict | None = None) -> list[ImageResult]:
+                    timer: dict | None = None, *, noise: dict | None = None,
+                    return_intermediates: bool = False) -> list[ImageResult] | tuple[list[ImageResult], dict]:
         """Reconstruct a batch.
 
         Args:
@@ -187,7 +188,29 @@ class Reconstructor:
                 model prepares them for its FaRL).
             image_indices: (B,) stable per-image indices (see :func:`image_seed_index`).
             timer: optional dict of per-stage seconds, accumulated.
+            noise: the sampling noise to use instead of the seeded streams, per generator:
+                ``{"idgen": {...}, "expgen": {...}}`` (either may be left out), each with
+                ``x_T`` ((B, n, D) or (B * n, D), in the head's sampling space) and/or
+                ``noise`` (per-step noise, ``(K, B * n, D)`` or a callable ``k -> (B * n, D)``),
+                as :meth:`ofer.models.diffusion.ConditionalDiffusion.sample` takes them. With
+                both given a run is replayed exactly.
+            return_intermediates: also return a dict of CPU tensors: ``conditions`` (per
+                model, (B, C)), ``shapes`` (B, N, n_shape) all candidates, ``scores`` (B, N),
+                ``ranked`` (B,), ``expgen_samples`` (B, M, D) ExpGen's raw samples (before the
+                split and the jaw scale).
+
+        Returns:
+            the :class:`ImageResult` of each image; with ``return_intermediates``,
+            ``(results, intermediates)``.
         """
+        noise = dict(noise or {})
+        unknown = set(noise) - {"idgen", "expgen"}
+        if unknown:
+            raise ValueError(f"noise is given per generator ('idgen', 'expgen'), got {sorted(unknown)}")
+        for key, given in noise.items():
+            extra = set(given) - {"x_T", "noise"}
+            if extra:
+                raise ValueError(f"noise[{key!r}] takes 'x_T' and 'noise', got {sorted(extra)}")
         cfg = self.cfg
         timer = timer if timer is not None else {s: 0.0 for s in STAGES}
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -198,7 +221,7 @@ class Reconstructor:
         t0 = time.perf_counter()
         method, steps = cfg.sampler("idgen")
         shapes = self.idgen.head.sample(conds["idgen"], N, method=method, steps=steps, seed=cfg.seed,
-                                        image_indices=image_indices)  # (B, N, n_shape)
+                                        image_indices=image_indices, **noise.get("idgen", {}))  # (B, N, n_shape)
         sync()
         timer["idgen"] += time.perf_counter() - t0
 
@@ -219,7 +242,7 @@ class Reconstructor:
         t0 = time.perf_counter()
         method, steps = cfg.sampler("expgen")
         x = self.expgen.head.sample(conds["expgen"], M, method=method, steps=steps, seed=cfg.seed + 1,
-                                    image_indices=image_indices)  # (B, M, n_exp + 3)
+                                    image_indices=image_indices, **noise.get("expgen", {}))  # (B, M, n_exp + 3)
         exp_coeffs, jaw = self.expgen.head.split(x)
         sync()
         timer["expgen"] += time.perf_counter() - t0
@@ -262,4 +285,11 @@ class Reconstructor:
                 chosen_vertices=exp_verts[i, chosen].cpu(), expression_mean=exp_verts[i].mean(0).cpu(),
                 uncertainty=summary,
             ))
-        return results
+        if not return_intermediates:
+            return results
+        intermediates = {
+            "conditions": {name: c.detach().float().cpu() for name, c in conds.items()},
+            "shapes": shapes.detach().cpu(), "scores": scores.detach().float().cpu(), "ranked": best.detach().cpu(),
+            "expgen_samples": x.detach().cpu(),
+        }
+        return results, intermediates

@@ -197,6 +197,7 @@ class RunState:
 
     records: list[dict] = field(default_factory=list)
     timer: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    released: Any = None  # the released noise stream (``noise: released``)
 
     def fail(self, job: Job, reason: str) -> None:
         self.records.append({"image": job.name, "status": "failed", "reason": reason})
@@ -238,7 +239,7 @@ def prepare(job: Job, detector: Any, cfg: SampleConfig, state: RunState, output:
     try:
         faces = prepare_faces(job.path, detector, aligned=cfg.aligned, use_sidecar=cfg.use_sidecar, which=which,
                               channel_order=cfg.channel_order, min_relative_size=cfg.detector.min_relative_size,
-                              max_kps_residual=cfg.max_kps_residual)
+                              max_kps_residual=cfg.max_kps_residual, **cfg.crop_options())
     except OferError as exc:
         state.fail(job, str(exc))
         return []
@@ -287,7 +288,8 @@ def reconstruct_batch(batch: list[Job], rec: Reconstructor, cfg: SampleConfig, o
     idx = [image_seed_index(j.rel) for j in batch]
     t_batch = time.perf_counter()
     try:
-        results = rec.reconstruct(arc, farl, idx, state.timer)
+        given = {} if state.released is None else {"noise": state.released.for_images([j.rel for j in batch])}
+        results = rec.reconstruct(arc, farl, idx, state.timer, **given)
     except (OferError, RuntimeError) as exc:
         if len(batch) > 1:
             for j in batch:
@@ -390,12 +392,12 @@ def settings_of(cfg: SampleConfig) -> dict:
         "seed": cfg.seed, "n_identities": cfg.n_identities, "n_expressions": cfg.n_expressions,
         "save_expressions": cfg.save_expressions, "samplers": {w: list(cfg.sampler(w)) for w in ("idgen", "expgen")},
         "jaw_scale": cfg.jaw_scale, "ranker_batch1_quirk": cfg.batch1_quirk, "channel_order": cfg.channel_order,
-        "aligned": cfg.aligned, "use_sidecar": cfg.use_sidecar, "mesh_format": cfg.mesh_format,
+        "noise": cfg.noise, "aligned": cfg.aligned, "use_sidecar": cfg.use_sidecar, "mesh_format": cfg.mesh_format,
         "chosen_expressions": cfg.chosen_expressions, "export": list(cfg.export),
         "uncertainty": {"top_k": cfg.uncertainty.top_k, "meshes": cfg.uncertainty.meshes,
                         "scale_mm": cfg.uncertainty.scale_mm,
                         "masks": _file_id(resolve_path(root, cfg.uncertainty.masks_path))},
-        "detector": config_to_dict(cfg.detector),
+        "detector": config_to_dict(cfg.detector), "crops": cfg.crop_options(),
         "group": config_to_dict(cfg.group), "video": config_to_dict(cfg.video),
         "checkpoints": {k: _file_id(resolve_path(root, getattr(ck, k)))
                         for k in ("idgen", "expgen", "idrank", "ranker_vertex_indices")},
@@ -462,6 +464,13 @@ def run(cfg: SampleConfig, input_path: str | os.PathLike, output: str | os.PathL
     rec = reconstructor
     if rec is None and todo:
         rec = Reconstructor.from_config(cfg, device)
+    if cfg.noise == "released" and rec is not None:
+        if world > 1:
+            raise ConfigError("noise=released follows one image list: run it in one process")
+        from .released_noise import ReleasedNoise
+
+        state.released = ReleasedNoise(cfg.n_identities, rec.idgen.head.param_dim, cfg.n_expressions,
+                                       rec.expgen.head.param_dim, *(cfg.sampler(w)[0] for w in ("idgen", "expgen")))
     det_msg = "the given detector"
     if detector is None:
         detector, det_msg = make_detector(cfg) if todo else (None, "")
