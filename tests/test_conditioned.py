@@ -82,7 +82,7 @@ def test_training_and_sampling_conditions_agree(face_and_world, synthetic_flame_
                         torch.device("cpu"))
     timer = {"encoders": 0.0}
     with torch.no_grad():
-        sampled = rec._encode(torch.from_numpy(face.arcface)[None],
+        sampled = rec.encode(torch.from_numpy(face.arcface)[None],
                               torch.from_numpy(face.farl_crop).permute(2, 0, 1)[None], timer)
         for kind, (model, tcfg) in models.items():
             spec = SPECS[kind]

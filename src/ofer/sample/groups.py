@@ -157,7 +157,7 @@ def reconstruct_group(rec, arcface_x: torch.Tensor, farl_rgb: torch.Tensor, imag
     if not rows:
         raise ConfigError("a group needs at least one image for its identity")
     if conds is None:
-        conds = rec._encode(arcface_x, farl_rgb, timer)
+        conds = rec.encode(arcface_x, farl_rgb, timer)
     conds = {k: v.to(dev) for k, v in conds.items()}
 
     t0 = time.perf_counter()
@@ -200,11 +200,8 @@ def reconstruct_group(rec, arcface_x: torch.Tensor, farl_rgb: torch.Tensor, imag
         exp_c, jaw = rec.expgen.head.split(x)  # (B, M, n_exp), (B, M, 3)
         timer["expgen"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        sh = shapes[chosen][None].expand(B * M, -1)
-        ex, jw = exp_c.reshape(B * M, -1), jaw.reshape(B * M, 3)
-        chunks = torch.arange(B * M, device=dev).split(rec.FLAME_CHUNK)
-        ev = torch.cat([rec.flame_exp(shape_coeffs=sh[c], exp_coeffs=ex[c], jaw_pose=jw[c]).vertices
-                        for c in chunks]).reshape(B, M, -1, 3)
+        ev = rec.expression_vertices(shapes[chosen], exp_c.reshape(B * M, -1), jaw.reshape(B * M, 3)
+                                     ).reshape(B, M, -1, 3)
         emean = ev.mean(1).cpu()
         timer["flame"] += time.perf_counter() - t0
     return GroupResult(

@@ -151,7 +151,7 @@ class Reconstructor:
         return cls(*mods[:3], *mods[3:], cfg=cfg, device=device, regions=regions)
 
     # ------------------------------------------------------------------------------
-    def _encode(self, arcface_x: torch.Tensor, farl_rgb: torch.Tensor, timer: dict) -> dict[str, torch.Tensor]:
+    def encode(self, arcface_x: torch.Tensor, farl_rgb: torch.Tensor, timer: dict) -> dict[str, torch.Tensor]:
         """Condition vectors of the three models; an encoder shared by several runs once."""
         t0 = time.perf_counter()
         arc: dict[str, torch.Tensor] = {}
@@ -175,6 +175,18 @@ class Reconstructor:
             conds[name] = model.assemble(arc[key], farl)
         timer["encoders"] += time.perf_counter() - t0
         return conds
+
+    def expression_vertices(self, shape_coeffs: torch.Tensor, exp_coeffs: torch.Tensor,
+                            jaw_pose: torch.Tensor) -> torch.Tensor:
+        """FLAME meshes ``(R, V, 3)`` (metres) of ``R`` expression rows, decoded in chunks of
+        :attr:`FLAME_CHUNK`; ``shape_coeffs`` is ``(R, n_shape)``, or ``(n_shape,)`` for one identity."""
+        dev = self.device
+        ex, jw, sh = exp_coeffs.to(dev), jaw_pose.to(dev), shape_coeffs.to(dev)
+        if sh.ndim == 1:
+            sh = sh[None].expand(ex.shape[0], -1)
+        rows = torch.arange(ex.shape[0], device=dev)
+        return torch.cat([self.flame_exp(shape_coeffs=sh[c], exp_coeffs=ex[c], jaw_pose=jw[c]).vertices
+                          for c in rows.split(self.FLAME_CHUNK)])
 
     @torch.inference_mode()
     def reconstruct(self, arcface_x: torch.Tensor, farl_rgb: torch.Tensor, image_indices: list[int],
@@ -216,7 +228,7 @@ class Reconstructor:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         arcface_x, farl_rgb = arcface_x.to(self.device), farl_rgb.to(self.device)
         B, N, M = arcface_x.shape[0], cfg.n_identities, cfg.n_expressions
-        conds = self._encode(arcface_x, farl_rgb, timer)
+        conds = self.encode(arcface_x, farl_rgb, timer)
 
         t0 = time.perf_counter()
         method, steps = cfg.sampler("idgen")
@@ -250,11 +262,9 @@ class Reconstructor:
         t0 = time.perf_counter()
         b_idx = torch.arange(B, device=self.device)
         best_shape = shapes[b_idx, best]  # (B, n_shape)
-        # all M expressions of every image, (B, M, V, 3), decoded in chunks
-        rows = torch.arange(B * M, device=self.device)
-        sh, ex, jw = best_shape.repeat_interleave(M, dim=0), exp_coeffs.reshape(B * M, -1), jaw.reshape(B * M, 3)
-        exp_verts = torch.cat([self.flame_exp(shape_coeffs=sh[c], exp_coeffs=ex[c], jaw_pose=jw[c]).vertices
-                               for c in rows.split(self.FLAME_CHUNK)]).reshape(B, M, -1, 3)
+        # all M expressions of every image, (B, M, V, 3)
+        exp_verts = self.expression_vertices(best_shape.repeat_interleave(M, dim=0), exp_coeffs.reshape(B * M, -1),
+                                             jaw.reshape(B * M, 3)).reshape(B, M, -1, 3)
         sync()
         timer["flame"] += time.perf_counter() - t0
 

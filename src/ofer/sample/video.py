@@ -233,18 +233,9 @@ def _expressions(rec, shape: torch.Tensor, cond: torch.Tensor, idx: list[int],
     timer["expgen"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     B = cond.shape[0]
-    verts = decode(rec, shape, exp_c.reshape(B * M, -1), jaw.reshape(B * M, 3)).reshape(B, M, -1, 3)
+    verts = rec.expression_vertices(shape, exp_c.reshape(B * M, -1), jaw.reshape(B * M, 3)).reshape(B, M, -1, 3)
     timer["flame"] += time.perf_counter() - t0
     return exp_c.cpu(), jaw.cpu(), verts.cpu()
-
-
-def decode(rec, shape: torch.Tensor, exp_c: torch.Tensor, jaw: torch.Tensor) -> torch.Tensor:
-    """FLAME meshes (K, V, 3) of one identity under K expressions (in chunks)."""
-    dev = rec.device
-    sh = shape.to(dev)[None].expand(exp_c.shape[0], -1)
-    ex, jw = exp_c.to(dev), jaw.to(dev)
-    chunks = torch.arange(exp_c.shape[0], device=dev).split(rec.FLAME_CHUNK)
-    return torch.cat([rec.flame_exp(shape_coeffs=sh[c], exp_coeffs=ex[c], jaw_pose=jw[c]).vertices for c in chunks])
 
 
 def frame_index(name: str, t: int) -> int:
@@ -277,7 +268,7 @@ def reconstruct_clip(rec, frames: list[np.ndarray], kps: np.ndarray, cfg: Sample
     n_id = min(cfg.video.identity_frames, F)
     rows = sorted({int(round(x)) for x in np.linspace(0, F - 1, n_id)})
     # every frame is encoded once, in batches; the identity frames' conditions are reused
-    parts = [rec._encode(arc[b:b + cfg.batch_size].to(rec.device), farl[b:b + cfg.batch_size].to(rec.device), timer)
+    parts = [rec.encode(arc[b:b + cfg.batch_size].to(rec.device), farl[b:b + cfg.batch_size].to(rec.device), timer)
              for b in range(0, F, cfg.batch_size)]
     conds = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     sel = torch.as_tensor(rows, device=conds["idgen"].device)

@@ -213,7 +213,7 @@ def measure_clips(rec, seq_dir: str | Path, world: str | Path, kps_noise_px: flo
     ``kps_noise_px`` and missing (detection failed) on the frames the bar covers, then filled
     and smoothed as :func:`ofer.sample.video.run_video` does."""
     from ..flame.assets import safe_load_pickle
-    from ..sample.video import choose_expressions, decode, fill_gaps, jitter_mm, reconstruct_clip, smooth_keypoints
+    from ..sample.video import choose_expressions, fill_gaps, jitter_mm, reconstruct_clip, smooth_keypoints
 
     seq_dir, world = Path(seq_dir), Path(world)
     face = np.asarray(safe_load_pickle(world / "flame" / "FLAME_masks.pkl")["face"])
@@ -248,8 +248,8 @@ def measure_clips(rec, seq_dir: str | Path, world: str | Path, kps_noise_px: flo
         for name, (choice, w) in choices.items():
             path, _ = choose_expressions(hyp, choice, cfg.video.data_weight, w)
             if choice == "mean":
-                v = decode(rec, res["shape_t"], torch.as_tensor(res["exp_all"]).mean(1),
-                           torch.as_tensor(res["jaw_all"]).mean(1)).cpu().numpy()
+                v = rec.expression_vertices(res["shape_t"], torch.as_tensor(res["exp_all"]).mean(1),
+                                            torch.as_tensor(res["jaw_all"]).mean(1)).cpu().numpy()
             else:
                 v = torch.stack([hyp[t][path[t]] for t in range(T)]).numpy()
             v = v.astype(np.float64)
