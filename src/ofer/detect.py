@@ -68,7 +68,7 @@ def contact_rows(image: np.ndarray, face: PreparedFace) -> list[np.ndarray]:
     (2x, template points), the FaRL crop (points where the crop puts them)."""
     from PIL import Image
 
-    from .data.images import _crop
+    from .data.images import warp_crop
 
     kps = face.kps.astype(np.float64)
     box = face.box.astype(np.float64)
@@ -77,7 +77,7 @@ def contact_rows(image: np.ndarray, face: PreparedFace) -> list[np.ndarray]:
     c = (CELL - 1) / 2.0
     to_ctx = np.array([[scale, 0.0, c - scale * (box[0] + box[2]) / 2.0],
                        [0.0, scale, c - scale * (box[1] + box[3]) / 2.0]])
-    ctx = Image.fromarray(_crop(image, to_ctx, CELL, True))
+    ctx = Image.fromarray(warp_crop(image, to_ctx, CELL, True))
     _draw_points(ctx, transform_points(to_ctx, kps), 3.0)
     blob = face.arcface if face.channel_order == "rgb" else face.arcface[::-1]
     aligned = np.clip(np.rint(blob.transpose(1, 2, 0) * 127.5 + 127.5), 0, 255).astype(np.uint8)

@@ -367,7 +367,9 @@ def _reduce_for_warp(image: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.n
     return small, (np.vstack([m, [0, 0, 1]]) @ s)[:2]
 
 
-def _crop(image: np.ndarray, m: np.ndarray, size: int, antialias: bool, grid: str = "float") -> np.ndarray:
+def warp_crop(image: np.ndarray, m: np.ndarray, size: int, antialias: bool, grid: str = "float") -> np.ndarray:
+    """The ``size`` x ``size`` crop of ``image`` under the 2x3 matrix ``m`` (image -> crop pixels),
+    box-filtered first when ``antialias`` and the crop shrinks the image more than 2x."""
     if antialias:
         image, m = _reduce_for_warp(image, m)
     return warp_affine(image, m, size, grid=grid)
@@ -435,8 +437,8 @@ def _one_face(image: np.ndarray, kps: np.ndarray, box: np.ndarray | None, name: 
         if not inside.any():
             raise ImageError(f"{name}: all 5 keypoints lie outside the {w}x{h} image")
         notes.append("some keypoints lie outside the image")
-    blob = arcface_blob(_crop(image, m112, 112, antialias, warp), channel_order)
-    crop = _crop(image, m224, 224, antialias)
+    blob = arcface_blob(warp_crop(image, m112, 112, antialias, warp), channel_order)
+    crop = warp_crop(image, m224, 224, antialias)
     if farl_jpeg_quality:
         crop = jpeg_round_trip(crop, farl_jpeg_quality)
     return blob, crop, kps, np.asarray(box, dtype=np.float64), notes

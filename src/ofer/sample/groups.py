@@ -260,7 +260,7 @@ def run_groups(todo: list, rec, detector, cfg: SampleConfig, output: Path, faces
 
     from ..io import write_json, write_mesh, write_npz
     from .reconstructor import image_seed_index
-    from .runner import RESULT_FILE, _error_line, _finite, prepare, write_image_outputs
+    from .runner import RESULT_FILE, error_line, finite_result, prepare, write_image_outputs
 
     g = cfg.group
     table = read_group_list(g.list) if g.by == "list" else None
@@ -293,7 +293,7 @@ def run_groups(todo: list, rec, detector, cfg: SampleConfig, output: Path, faces
                                    keep_hypotheses=True, timer=state.timer)
         except Exception as exc:  # one group's fault must not stop the others
             for j in ready:
-                state.fail(j, _error_line(exc))
+                state.fail(j, error_line(exc))
             continue
         per_image = (time.perf_counter() - t0) / len(ready)
         if not all(bool(torch.isfinite(t).all()) for t in (gr.shape_coeffs, gr.scores, gr.exp_coeffs)):
@@ -309,7 +309,7 @@ def run_groups(todo: list, rec, detector, cfg: SampleConfig, output: Path, faces
         own_hit = [int(b) == gr.chosen for b in gr.per_image_best]
         for i, j in enumerate(ready):
             res = image_result(rec, gr, i)
-            if not _finite(res):
+            if not finite_result(res):
                 state.fail(j, "the reconstruction holds NaN or inf values (check the checkpoints)")
                 continue
             meta = {"image": j.name, "status": "ok", "group": name, "image_index": idx[i],

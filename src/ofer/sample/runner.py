@@ -244,7 +244,7 @@ def prepare(job: Job, detector: Any, cfg: SampleConfig, state: RunState, output:
         state.fail(job, str(exc))
         return []
     except Exception as exc:  # an unforeseen fault of one image must not stop the others
-        state.fail(job, _error_line(exc))
+        state.fail(job, error_line(exc))
         return []
     finally:
         job.seconds = time.perf_counter() - t0
@@ -265,12 +265,14 @@ def prepare(job: Job, detector: Any, cfg: SampleConfig, state: RunState, output:
     return jobs
 
 
-def _error_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
+    """``"<Type>: <first line>"`` of an unforeseen exception, for a record's reason."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _finite(res: ImageResult) -> bool:
+def finite_result(res: ImageResult) -> bool:
+    """Whether everything sampled for an image is finite (else it is ``failed``, never ``ok``)."""
     return all(bool(torch.isfinite(t).all()) for t in (res.shape_coeffs, res.scores, res.identity_vertices,
                                                        res.exp_coeffs, res.jaw_pose, res.expression_vertices))
 
@@ -295,12 +297,12 @@ def reconstruct_batch(batch: list[Job], rec: Reconstructor, cfg: SampleConfig, o
             for j in batch:
                 reconstruct_batch([j], rec, cfg, output, faces, state)
         else:
-            state.fail(batch[0], _error_line(exc) if isinstance(exc, RuntimeError) else str(exc))
+            state.fail(batch[0], error_line(exc) if isinstance(exc, RuntimeError) else str(exc))
         return
     per_image = (time.perf_counter() - t_batch) / len(batch)
     samplers = {w: list(cfg.sampler(w)) for w in ("idgen", "expgen")}
     for j, i, res in zip(batch, idx, results):
-        if not _finite(res):
+        if not finite_result(res):
             state.fail(j, "the reconstruction holds NaN or inf values (check the checkpoints)")
             continue
         t0 = time.perf_counter()
@@ -315,7 +317,7 @@ def reconstruct_batch(batch: list[Job], rec: Reconstructor, cfg: SampleConfig, o
         except OSError as exc:
             # an unfinished folder is worth nothing (no result.json): free its space
             shutil.rmtree(output / j.rel, ignore_errors=True)
-            state.fail(j, f"cannot write its outputs: {exc.strerror or _error_line(exc)}")
+            state.fail(j, f"cannot write its outputs: {exc.strerror or error_line(exc)}")
             continue
         dt = time.perf_counter() - t0
         state.timer["writing"] += dt

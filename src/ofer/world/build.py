@@ -146,14 +146,15 @@ def save_npz_deterministic(fileobj: Any, **arrays: np.ndarray) -> None:
             zf.writestr(info, buf.getvalue())
 
 
-def _write(path: Path, data: bytes) -> None:
+def write_file(path: Path, data: bytes) -> None:
     # the whole world is built in a staging folder that is renamed at the end, so single
     # files need no temp-and-rename of their own
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
 
 
-def _png_bytes(img: np.ndarray) -> bytes:
+def png_bytes(img: np.ndarray) -> bytes:
+    """PNG file bytes of an ``(H, W, 3)`` uint8 image."""
     from PIL import Image
 
     buf = io.BytesIO()
@@ -161,7 +162,8 @@ def _png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _kps_text(kps: np.ndarray) -> bytes:
+def kps_text(kps: np.ndarray) -> bytes:
+    """A ``.kps.txt`` sidecar's bytes: one ``x y`` line per keypoint."""
     return "".join(f"{x:.3f} {y:.3f}\n" for x, y in np.asarray(kps, np.float64)).encode()
 
 
@@ -180,9 +182,9 @@ def _list_bytes(d: dict) -> bytes:
 def _write_render(root: Path, rel: str, s: FaceSample) -> None:
     """``root/<rel>.png`` + ``.kps.txt`` + ``<rel>_mask.png``."""
     base = root / rel
-    _write(base.with_name(base.name + ".png"), _png_bytes(s.image))
-    _write(base.with_name(base.name + ".kps.txt"), _kps_text(s.kps))
-    _write(base.with_name(base.name + "_mask.png"), _png_bytes((s.occluder_mask * 255).astype(np.uint8)))
+    write_file(base.with_name(base.name + ".png"), png_bytes(s.image))
+    write_file(base.with_name(base.name + ".kps.txt"), kps_text(s.kps))
+    write_file(base.with_name(base.name + "_mask.png"), png_bytes((s.occluder_mask * 255).astype(np.uint8)))
 
 
 def _params(shape: np.ndarray, exp: np.ndarray | None = None, jaw: np.ndarray | None = None) -> bytes:
@@ -222,7 +224,7 @@ def make_crops(output_dir: Path, items: Sequence[tuple[str, np.ndarray, np.ndarr
 # --------------------------------------------------------------------------- the world
 
 
-def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
+def item_rng(seed: int, stream: int, index: int) -> np.random.Generator:
     """Independent generator per (stream, item): adding identities never changes existing ones."""
     return np.random.default_rng([int(seed), int(stream), int(index)])
 
@@ -236,13 +238,15 @@ def _split(actors: list[str], val_fraction: float) -> tuple[list[str], list[str]
     return actors[: len(actors) - n_val], actors[len(actors) - n_val:]
 
 
-def _load_flame(flame_dir: Path):
+def load_world_flame(flame_dir: Path):
+    """The FLAME layer of a world's synthetic head (``<world>/flame``)."""
     from ..flame import FLAME
 
     return FLAME(flame_dir / "generic_model.pkl", flame_dir / "landmark_embedding.npy", n_shape=N_SHAPE, n_exp=N_EXP)
 
 
-def _load_masks(path: Path) -> dict:
+def load_world_masks(path: Path) -> dict:
+    """A world's FLAME_masks.pkl-style region dict."""
     from ..flame import safe_load_pickle
 
     return dict(safe_load_pickle(path))
@@ -303,14 +307,14 @@ _WORKER: dict[str, Any] = {}
 def _worker_setup(root: str, cfg: WorldConfig) -> None:
     torch.set_num_threads(1)
     flame_dir = Path(root) / "flame"
-    flame = _load_flame(flame_dir)
-    _WORKER["fr"] = FaceRenderer(flame, cfg.scene, _load_masks(flame_dir / "FLAME_masks.pkl"))
+    flame = load_world_flame(flame_dir)
+    _WORKER["fr"] = FaceRenderer(flame, cfg.scene, load_world_masks(flame_dir / "FLAME_masks.pkl"))
     _WORKER["root"] = Path(root)
     _WORKER["cfg"] = cfg
 
 
 def _identity(cfg: WorldConfig, fr: FaceRenderer, i: int) -> tuple[np.ndarray, np.ndarray]:
-    g = _rng(cfg.seed, _S_ID, i)
+    g = item_rng(cfg.seed, _S_ID, i)
     return cfg.prior.sample_identity(g), fr.sample_albedo(g)
 
 
@@ -337,25 +341,25 @@ def _run_job(job: tuple[str, int]) -> dict:
     if part == "id":
         actor = f"id{i:04d}"
         shape, albedo = _identity(cfg, fr, i)
-        g = _rng(cfg.seed, _S_IDIMG, i)
+        g = item_rng(cfg.seed, _S_IDIMG, i)
         M = cfg.images_per_identity
         exps, jaws = zip(*(prior.sample_expression(g, cfg.id_expression_scale) for _ in range(M)))
         samples = fr.render_batch(g, np.tile(shape, (M, 1)), np.stack(exps), np.stack(jaws), albedo)
         rels = _write_renders(root / "renders" / ID_NAME, actor, samples, crops)
-        _write(root / ID_NAME / "FLAME_parameters" / actor / f"{actor}.npz", _params(shape))
+        write_file(root / ID_NAME / "FLAME_parameters" / actor / f"{actor}.npz", _params(shape))
         result["entries"][actor] = (rels, f"{actor}/{actor}.npz")
         name = ID_NAME
     elif part == "exp":
         actor = f"id{i:04d}"
         shape, albedo = _identity(cfg, fr, i)
-        g = _rng(cfg.seed, _S_EXP, i)
+        g = item_rng(cfg.seed, _S_EXP, i)
         P = cfg.images_per_frame
         for k in range(cfg.expression_frames):
             exp, jaw = prior.sample_expression(g)
             samples = fr.render_batch(g, np.tile(shape, (P, 1)), np.tile(exp, (P, 1)), np.tile(jaw, (P, 1)), albedo)
             frame = f"{actor}__e{k:02d}__000"
             rels = _write_renders(root / "renders" / EXP_NAME, frame, samples, crops)
-            _write(root / EXP_NAME / "FLAME_parameters" / frame / f"{frame}.npz", _params(shape, exp, jaw))
+            write_file(root / EXP_NAME / "FLAME_parameters" / frame / f"{frame}.npz", _params(shape, exp, jaw))
             result["entries"][frame] = (rels, f"{frame}/{frame}.npz")
         name = EXP_NAME
     elif part == "test":
@@ -375,7 +379,7 @@ def _run_test_job(root: Path, cfg: WorldConfig, fr: FaceRenderer, i: int, result
         "occluded": OcclusionConfig(prob=1.0, area=cfg.test_occlusion_area, kinds=occ.kinds, textures=occ.textures),
         "mouth": OcclusionConfig(prob=1.0, area=(0.05, 1.0), kinds=("facemask",), textures=occ.textures),
     }
-    g = _rng(cfg.seed, _S_TEST, i)
+    g = item_rng(cfg.seed, _S_TEST, i)
     shape = cfg.prior.sample_identity(g)
     albedo = fr.sample_albedo(g)
     T = cfg.test_images_per_identity
@@ -391,12 +395,12 @@ def _run_test_job(root: Path, cfg: WorldConfig, fr: FaceRenderer, i: int, result
             smp = fr.reocclude(scene, g, variants[variant])
             tid = f"test{i:04d}_{j:02d}_{variant}"
             ids.append(tid)
-            _write(root / "test" / "images" / f"{tid}.png", _png_bytes(smp.image))
-            _write(root / "test" / "images" / f"{tid}.kps.txt", _kps_text(smp.kps))
-            _write(root / "test" / "gt" / f"{tid}_mask.png",
-                   _png_bytes((smp.occluder_mask * 255).astype(np.uint8)))
+            write_file(root / "test" / "images" / f"{tid}.png", png_bytes(smp.image))
+            write_file(root / "test" / "images" / f"{tid}.kps.txt", kps_text(smp.kps))
+            write_file(root / "test" / "gt" / f"{tid}_mask.png",
+                   png_bytes((smp.occluder_mask * 255).astype(np.uint8)))
             cam = smp.camera
-            _write(root / "test" / "gt" / f"{tid}.npz", _npz_bytes(
+            write_file(root / "test" / "gt" / f"{tid}.npz", _npz_bytes(
                 shape_coeffs=shape.astype(np.float32), exp_coeffs=exps_a[j].astype(np.float32),
                 jaw_pose=jaws_a[j].astype(np.float32), global_pose=smp.global_pose,
                 neck_pose=np.zeros(3, np.float32), eye_pose=np.zeros(6, np.float32),
@@ -444,7 +448,7 @@ def _build(root: Path, cfg: WorldConfig, progress: bool, workers: int) -> dict:
                 results.append(res)
                 if progress and (k + 1) % 20 == 0:
                     _log(progress, f"world: {k + 1}/{len(jobs)} jobs ({time.time() - t0:.1f} s)")
-        fr = FaceRenderer(_load_flame(root / "flame"), cfg.scene, _load_masks(root / "flame" / "FLAME_masks.pkl"))
+        fr = FaceRenderer(load_world_flame(root / "flame"), cfg.scene, load_world_masks(root / "flame" / "FLAME_masks.pkl"))
 
     # ---- lists, split by identity (results are in job order whatever the worker count)
     ids = [f"id{i:04d}" for i in range(cfg.identities)]
@@ -470,7 +474,7 @@ def _build(root: Path, cfg: WorldConfig, progress: bool, workers: int) -> dict:
         lists[f"{EXP_NAME}_TRAIN"] = {a: v for a, v in exp_lists.items() if exp_of[a] not in val_set}
         lists[f"{EXP_NAME}_VAL"] = {a: v for a, v in exp_lists.items() if exp_of[a] in val_set}
     for name, d in lists.items():
-        _write(root / "image_paths" / f"{name}.npy", _list_bytes(d))
+        write_file(root / "image_paths" / f"{name}.npy", _list_bytes(d))
     _log(progress, f"world: {len(jobs)} jobs done in {time.time() - t0:.1f} s")
 
     info = {
@@ -495,7 +499,7 @@ def _build(root: Path, cfg: WorldConfig, progress: bool, workers: int) -> dict:
         "arcface_channel_order": ARCFACE_CHANNEL_ORDER,
         "crop": "224 FaRL crop (1.6x the face box from the keypoints) as written by ofer.preprocess",
     }
-    _write(root / "world.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
+    write_file(root / "world.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
     return info
 
 

@@ -32,7 +32,7 @@ import torch
 
 from ..data.occlusion import OcclusionConfig
 from ..errors import OferError
-from .build import _kps_text, _load_flame, _load_masks, _png_bytes, _rng, _write, save_npz_deterministic
+from .build import kps_text, load_world_flame, load_world_masks, png_bytes, item_rng, write_file, save_npz_deterministic
 from .prior import HeadPrior
 from .scene import FaceRenderer, SceneConfig
 
@@ -62,8 +62,8 @@ def _world_setup(world: Path) -> tuple[FaceRenderer, HeadPrior, SceneConfig]:
     sc = {k: tuple(v) if isinstance(v, list) else v for k, v in sc.items()}
     scene = SceneConfig(**sc, occlusion=OcclusionConfig(**occ))
     prior = HeadPrior(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["prior"].items()})
-    flame = _load_flame(world / "flame")
-    return FaceRenderer(flame, scene, _load_masks(world / "flame" / "FLAME_masks.pkl")), prior, scene
+    flame = load_world_flame(world / "flame")
+    return FaceRenderer(flame, scene, load_world_masks(world / "flame" / "FLAME_masks.pkl")), prior, scene
 
 
 def _npz(path: Path, **arrays: np.ndarray) -> None:
@@ -89,19 +89,19 @@ def build_sequences(world: str | Path, output: str | Path, cfg: SequenceConfig =
     torch.set_num_threads(1)
     with torch.no_grad():
         for i in range(cfg.photo_sets):
-            g = _rng(cfg.seed, _S_SET, i)
+            g = item_rng(cfg.seed, _S_SET, i)
             shape, albedo = prior.sample_identity(g), fr.sample_albedo(g)
             K = cfg.photo_set_size
             exps, jaws = zip(*(prior.sample_expression(g) for _ in range(K)))
             samples = fr.render_batch(g, np.tile(shape, (K, 1)), np.stack(exps), np.stack(jaws), albedo)
             for k, s in enumerate(samples):
-                _write(output / "photosets" / f"set{i:03d}" / f"{k:02d}.png", _png_bytes(s.image))
-                _write(output / "photosets" / f"set{i:03d}" / f"{k:02d}.kps.txt", _kps_text(s.kps))
+                write_file(output / "photosets" / f"set{i:03d}" / f"{k:02d}.png", png_bytes(s.image))
+                write_file(output / "photosets" / f"set{i:03d}" / f"{k:02d}.kps.txt", kps_text(s.kps))
             neutral = fr.flame(shape_coeffs=torch.as_tensor(shape[None])).vertices[0].numpy()
             _npz(output / "photosets" / "gt" / f"set{i:03d}.npz", shape_coeffs=shape,
                  vertices_neutral=neutral.astype(np.float32))
         for i in range(cfg.clips):
-            g = _rng(cfg.seed, _S_CLIP, i)
+            g = item_rng(cfg.seed, _S_CLIP, i)
             shape, albedo = prior.sample_identity(g), fr.sample_albedo(g)
             T = cfg.clip_frames
             n_keys = max(2, T // 8 + 1)
@@ -132,13 +132,13 @@ def build_sequences(world: str | Path, output: str | Path, cfg: SequenceConfig =
                     lo, hi = int(max(0, c - w / 2)), int(min(S, c + w / 2))
                     img[:, lo:hi] = (90, 80, 70)
                     occluded[t] = hi > lo and hi > x0 and lo < x1
-                _write(output / "clips" / f"clip{i:03d}" / f"{t:04d}.png", _png_bytes(img))
-                _write(output / "clips" / f"clip{i:03d}" / f"{t:04d}.kps.txt", _kps_text(s.kps))
+                write_file(output / "clips" / f"clip{i:03d}" / f"{t:04d}.png", png_bytes(img))
+                write_file(output / "clips" / f"clip{i:03d}" / f"{t:04d}.kps.txt", kps_text(s.kps))
                 kps_all.append(s.kps)
             _npz(output / "clips" / "gt" / f"clip{i:03d}.npz", shape_coeffs=shape, exp_coeffs=exp, jaw_pose=jaw,
                  global_pose=pose, occluded=occluded, kps=np.stack(kps_all).astype(np.float32))
     info = {"config": cfg.__dict__, "world": str(world)}
-    _write(output / "sequences.json", (json.dumps(info, indent=1) + "\n").encode())
+    write_file(output / "sequences.json", (json.dumps(info, indent=1) + "\n").encode())
     return info
 
 

@@ -316,11 +316,11 @@ class BlazeFaceDetector:
         return to_image(boxes.reshape(-1, 2, 2)).reshape(-1, 4), scores, to_image(kps)
 
     def _mesh_at(self, image: np.ndarray, centre: np.ndarray, side: float, angle: float) -> tuple[np.ndarray, float]:
-        from ..images import _crop
+        from ..images import warp_crop
 
         size = self._mesh.size
         m = roi_matrix(centre, side, angle, size)
-        crop = _crop(image, m, size, True).astype(np.float32) / 255.0
+        crop = warp_crop(image, m, size, True).astype(np.float32) / 255.0
         pts, flag = self._mesh(crop)
         pts = np.asarray(pts, np.float64).reshape(-1, 3)
         xy = pts[:, :2] - 0.5  # edge -> centre convention of the crop
