@@ -70,6 +70,7 @@ __all__ = [
     "write_sidecar_kps",
     "sidecar_paths",
     "iter_images",
+    "UNSUPPORTED_IMAGE_EXTENSIONS",
     "prepare_face",
     "prepare_face_array",
     "prepare_faces",
@@ -329,21 +330,42 @@ def write_sidecar_kps(path: str | os.PathLike, kps: np.ndarray, comment: str | N
     return out
 
 
-def iter_images(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> Iterator[Path]:
-    """Image files under ``root`` (by extension, case-insensitive), sorted, skipping ``exclude``."""
+#: Image formats the reader cannot take: :func:`iter_images` reports them instead of leaving them out.
+UNSUPPORTED_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".dng", ".cr2", ".cr3", ".nef", ".arw",
+                                ".raw", ".svg", ".psd")
+
+
+def iter_images(root: str | os.PathLike, exclude: str | os.PathLike | None = None,
+                skipped: list[tuple[Path, str]] | None = None) -> Iterator[Path]:
+    """Image files under ``root`` (by extension, case-insensitive), sorted, skipping ``exclude``.
+
+    With a ``skipped`` list, files of an unsupported image format
+    (:data:`UNSUPPORTED_IMAGE_EXTENSIONS`) and folders that cannot be read are appended to it
+    as ``(path, reason)``.
+    """
     root = Path(root)
     if root.is_file():
         yield root
         return
     ex = Path(exclude).resolve() if exclude is not None else None
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def unreadable(err: OSError) -> None:
+        if skipped is not None:
+            skipped.append((Path(err.filename), f"cannot read folder: {err.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         d = Path(dirpath)
         dirnames.sort()
         if ex is not None:
             dirnames[:] = [n for n in dirnames if (d / n).resolve() != ex]
         for name in sorted(filenames):
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+            low = name.lower()
+            if name.startswith("."):
+                continue
+            if low.endswith(IMAGE_EXTENSIONS):
                 yield d / name
+            elif skipped is not None and low.endswith(UNSUPPORTED_IMAGE_EXTENSIONS):
+                skipped.append((d / name, f"unsupported image format {Path(low).suffix} (convert it to JPEG or PNG)"))
 
 
 # --------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 
 from ..config import config_to_dict, load_config
 from ..device import cleanup, dist_env, init_distributed
-from ..data.images import IMAGE_EXTENSIONS, prepare_faces
+from ..data.images import iter_images, prepare_faces
 from ..errors import ConfigError, OferError
 from ..io import atomic_write_bytes, remove_stale_temps, write_json, write_landmarks, write_mesh, write_npz
 from .config import SampleConfig
@@ -123,41 +123,22 @@ def _write_preview(path: Path, res: ImageResult, faces: np.ndarray, crop: np.nda
 # ----------------------------------------------------------------------------------------
 # Stages of a folder run
 # ----------------------------------------------------------------------------------------
-#: Image formats the reader cannot take: reported as skipped, not silently left out.
-UNSUPPORTED_SUFFIXES = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".dng", ".cr2", ".cr3", ".nef", ".arw",
-                        ".raw", ".svg", ".psd")
-
-
 def list_inputs(input_path: Path, exclude: Optional[Path] = None) -> tuple[Path, list[Path], list[dict]]:
     """``(root, sorted image files, skipped records)`` for a folder (recursive) or one file.
 
     ``exclude`` (the output folder, when it lies inside the input) is not searched. Files of an
-    unsupported image format and folders that cannot be read come back as ``skipped`` records.
+    unsupported image format and folders that cannot be read come back as ``skipped`` records
+    (:func:`ofer.data.images.iter_images`).
     """
     if input_path.is_file():
         return input_path.parent, [input_path], []
     if not input_path.is_dir():
         raise OferError(f"input not found: {input_path}")
-    ex = exclude.resolve() if exclude is not None else None
-    files, skipped = [], []
-
-    def unreadable(err: OSError) -> None:
-        skipped.append({"image": str(Path(err.filename).relative_to(input_path)) + "/", "status": "skipped",
-                        "reason": f"cannot read folder: {err.strerror}"})
-
-    for dirpath, dirnames, filenames in os.walk(input_path, onerror=unreadable):
-        d = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (d / n).resolve() != ex)
-        for name in sorted(filenames):
-            low = name.lower()
-            if name.startswith("."):
-                continue
-            if low.endswith(IMAGE_EXTENSIONS):
-                files.append(d / name)
-            elif low.endswith(UNSUPPORTED_SUFFIXES):
-                skipped.append({"image": str((d / name).relative_to(input_path)), "status": "skipped",
-                                "reason": f"unsupported image format {Path(low).suffix} (convert it to JPEG or PNG)"})
-    return input_path, sorted(files), skipped
+    found: list[tuple[Path, str]] = []
+    files = sorted(iter_images(input_path, exclude, skipped=found))
+    skipped = [{"image": p.relative_to(input_path).as_posix() + ("/" if p.is_dir() else ""),
+                "status": "skipped", "reason": why} for p, why in found]
+    return input_path, files, skipped
 
 
 def make_detector(cfg: SampleConfig):
