@@ -56,13 +56,13 @@ def official_denoiser_file(path, arch=ARCH, qkv_weights=None, seed=1):
 def test_import_expgen_strict_report(tmp_path):
     path = tmp_path / "model_expgen.tar"
     ckpt = official_denoiser_file(path)
-    res = import_official(path, "expgen", qkv_replay="unet", qkv_seed=3)
+    res = import_official(path, "expgen", qkv="unet", qkv_seed=3)
     rep = res.report
     assert rep.ok and rep.loaded == 174
     assert rep.encoders == {"farl": 1, "arcface": 2}
     assert set(rep.ignored_entries) == {"optimizer", "scheduler", "epoch", "global_step", "batch_size"}
     assert "17 buffers match" in rep.schedule and "not verifiable" in rep.qkv_check
-    assert "manual_seed(3)" in rep.qkv_source
+    assert "seed 3 with the U-Net built first" in rep.qkv_source
     assert isinstance(res.model, ExpGen) and res.model.config["dims"] == [53, 25, 10]
     sd = res.model.net.state_dict()
     for k, v in ckpt["net"].items():
@@ -76,21 +76,21 @@ def test_import_expgen_strict_report(tmp_path):
 def test_qkv_check_against_stored_training_projection(tmp_path):
     qkv = replay_qkv(ARCH, "unet", 7)
     official_denoiser_file(tmp_path / "a.tar", qkv_weights=qkv)
-    rep = import_official(tmp_path / "a.tar", "expgen", qkv_replay="unet", qkv_seed=7).report
+    rep = import_official(tmp_path / "a.tar", "expgen", qkv="unet", qkv_seed=7).report
     assert rep.qkv_check.startswith("verified: 6/6")
-    rep = import_official(tmp_path / "a.tar", "expgen", qkv_replay="unet", qkv_seed=8).report
+    rep = import_official(tmp_path / "a.tar", "expgen", qkv="unet", qkv_seed=8).report
     assert rep.qkv_check.startswith("mismatch: 0/6")
     # explicit projections win over any replay
-    rep = import_official(tmp_path / "a.tar", "expgen", qkv=qkv).report
+    rep = import_official(tmp_path / "a.tar", "expgen", qkv_weights=qkv).report
     assert rep.qkv_source == "supplied by the caller" and rep.qkv_check.startswith("verified")
 
 
 def test_training_replay_is_the_default(tmp_path):
-    qkv = replay_qkv(ARCH, "train", 0)
+    qkv = replay_qkv(ARCH, "training", 0)
     official_denoiser_file(tmp_path / "t.tar", qkv_weights=qkv)
     rep = import_official(tmp_path / "t.tar", "expgen").report
-    assert "ArcFace iresnet100" in rep.qkv_source and rep.qkv_check.startswith("verified")
-    assert any("CLIP" in n for n in rep.notes)
+    assert "training draw (seed 0: CLIP ViT-B/16, ArcFace iresnet100" in rep.qkv_source
+    assert rep.qkv_check.startswith("verified")
 
 
 @pytest.mark.parametrize("tamper,match", [
@@ -105,7 +105,7 @@ def test_key_problems_are_errors_with_report(tmp_path, tamper, match):
     ckpt.pop("diffusion")
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match=match) as err:
-        import_official(path, "expgen", qkv_replay="unet")
+        import_official(path, "expgen", qkv="unet")
     assert "\n" not in str(err.value)
     assert not err.value.report.ok
 
@@ -146,12 +146,12 @@ def test_inconsistent_entries_are_errors(tmp_path):
     ckpt["diffusion"]["net.init_conv.bias"] = ckpt["diffusion"]["net.init_conv.bias"] + 1
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match="'net' and 'diffusion' disagree on 1 tensors"):
-        import_official(path, "expgen", qkv_replay="unet")
+        import_official(path, "expgen", qkv="unet")
     ckpt = official_denoiser_file(path)
     ckpt["var_sched"] = NoiseSchedule.linear(1000, 1e-4, 2e-2).state_dict()
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match="var_sched' is not the linear"):
-        import_official(path, "expgen", qkv_replay="unet")
+        import_official(path, "expgen", qkv="unet")
 
 
 def test_diffusion_only_file(tmp_path):
@@ -159,7 +159,7 @@ def test_diffusion_only_file(tmp_path):
     ckpt = official_denoiser_file(path)
     del ckpt["net"], ckpt["var_sched"]
     torch.save(ckpt, path)
-    res = import_official(path, "expgen", qkv_replay="unet")
+    res = import_official(path, "expgen", qkv="unet")
     assert res.report.ok and any("'diffusion'" in n for n in res.report.notes)
 
 
@@ -232,7 +232,7 @@ def test_load_checkpoint_reads_official_files(tmp_path):
 
 def test_cli_converts_and_reports(tmp_path, capsys):
     official_denoiser_file(tmp_path / "in.tar")
-    assert main(["--kind", "expgen", "--qkv-replay", "unet", str(tmp_path / "in.tar"),
+    assert main(["--kind", "expgen", "--qkv", "unet", str(tmp_path / "in.tar"),
                  str(tmp_path / "out.pt")]) == 0
     out = capsys.readouterr().out
     assert "network keys loaded: 174" in out and "wrote" in out
@@ -257,12 +257,12 @@ def test_non_finite_official_weights_are_refused_naming_file_and_tensor(tmp_path
     key = sorted(k for k, v in ckpt[entry].items() if v.is_floating_point())[0]
     _poison(ckpt[entry], key, float("inf") if entry == "farl" else float("nan"))
     torch.save(ckpt, path)
-    for load in (lambda: import_official(path, "expgen", qkv_replay="unet"),
+    for load in (lambda: import_official(path, "expgen", qkv="unet"),
                  lambda: load_checkpoint(path), lambda: ofer.models.load_model(path)):
         with pytest.raises(CheckpointError, match="NaN or infinite") as excinfo:
             load()
         assert f"'{entry}/{key}'" in str(excinfo.value) and str(path) in str(excinfo.value)
-    assert main(["--kind", "expgen", "--qkv-replay", "unet", str(path), str(tmp_path / "out.pt")]) != 0
+    assert main(["--kind", "expgen", "--qkv", "unet", str(path), str(tmp_path / "out.pt")]) != 0
     assert f"{entry}/{key}" in capsys.readouterr().err
     assert not (tmp_path / "out.pt").exists()
 
@@ -301,9 +301,9 @@ def test_var_sched_of_other_types_is_a_clean_error(tmp_path, capsys, value):
                              "scalars": v.double().mean()}[value] for k, v in sched.items()}
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match="'var_sched' is not the linear") as excinfo:
-        import_official(path, "expgen", qkv_replay="unet")
+        import_official(path, "expgen", qkv="unet")
     assert "\n" not in str(excinfo.value)
-    assert main(["--kind", "expgen", "--qkv-replay", "unet", str(path), str(tmp_path / "o.pt")]) == 1
+    assert main(["--kind", "expgen", "--qkv", "unet", str(path), str(tmp_path / "o.pt")]) == 1
     assert "var_sched" in capsys.readouterr().err
 
 
@@ -312,12 +312,12 @@ def test_var_sched_equal_in_value_is_accepted(tmp_path):
     ckpt = official_denoiser_file(path)
     ckpt["var_sched"] = {k: v.double().tolist() for k, v in ckpt["var_sched"].items()}  # plain lists
     torch.save(ckpt, path)
-    assert "17 buffers match" in import_official(path, "expgen", qkv_replay="unet").report.schedule
+    assert "17 buffers match" in import_official(path, "expgen", qkv="unet").report.schedule
 
 
 def test_cli_output_under_a_file_is_a_clean_error(tmp_path, capsys):
     official_denoiser_file(tmp_path / "in.tar")
     (tmp_path / "file").write_text("x")
-    assert main(["--kind", "expgen", "--qkv-replay", "unet", str(tmp_path / "in.tar"),
+    assert main(["--kind", "expgen", "--qkv", "unet", str(tmp_path / "in.tar"),
                  str(tmp_path / "file" / "out.pt")]) == 1
     assert "cannot write" in capsys.readouterr().err

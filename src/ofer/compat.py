@@ -26,14 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", required=True, choices=KINDS)
     parser.add_argument("src", help="official checkpoint (.tar)")
     parser.add_argument("dst", help="output checkpoint (.pt)")
-    parser.add_argument("--qkv-replay", default="train", choices=QKV_REPLAYS,
-                        help="how to re-create the untrained q/k/v projections (default: train)")
-    parser.add_argument("--qkv-seed", type=int, default=0, help="torch seed of that replay")
+    parser.add_argument("--qkv", default="training", choices=QKV_REPLAYS,
+                        help="whose draw of the untrained q/k/v projections to replay: the "
+                             "training process's (default) or the released test script's")
+    parser.add_argument("--qkv-seed", type=int, default=None,
+                        help="torch seed of that process (default: 1 released, else 0)")
     parser.add_argument("--vertex-indices", default=None,
                         help="IdRank: frontindices.npy or a FLAME_masks.pkl-style file")
     args = parser.parse_args(argv)
     try:
-        res = import_official(args.src, args.kind, qkv_replay=args.qkv_replay,
+        res = import_official(args.src, args.kind, qkv=args.qkv,
                               qkv_seed=args.qkv_seed, vertex_indices=args.vertex_indices)
         export_checkpoint(res.model, args.dst, encoders=res.encoders)
     except OferError as exc:

@@ -225,7 +225,8 @@ def load_trained_model(source: str | Path | dict, kind: str, use_ema: bool = Tru
 
 
 def load_model(path: str | Path, kind: Optional[str] = None, *, vertex_indices: Any = None,
-               use_ema: bool = True, map_location: Any = "cpu", **official_options: Any) -> ConditionedModel:
+               use_ema: bool = True, map_location: Any = "cpu", qkv: Optional[str] = None,
+               qkv_default: str = "training", **official_options: Any) -> ConditionedModel:
     """The conditioned model (encoders + head) of any checkpoint, the file read once.
 
     Args:
@@ -234,8 +235,13 @@ def load_model(path: str | Path, kind: Optional[str] = None, *, vertex_indices: 
         vertex_indices: a ranker without its own feature vertices (the released IdRank):
             the original ``frontindices.npy`` or a ``FLAME_masks.pkl``-style file.
         use_ema: our training checkpoints: the EMA weights when present.
+        qkv: the denoiser's q/k/v projections: ``"stored"`` (our checkpoints keep theirs;
+            an official file holds none), or a replay of the original's draw for official
+            files (``"released"``, ``"training"``, ``"unet"``: see
+            :mod:`ofer.models.qkv_replay`); None: ``stored`` for ours, ``qkv_default`` for
+            official files.
         official_options: passed to :func:`~ofer.models.official.import_official`
-            (``qkv``, ``qkv_replay``, ``qkv_seed``).
+            (``qkv_seed``, ``qkv_weights``).
 
     Returns:
         The model in eval mode, with ``load_info`` (:class:`LoadInfo`).
@@ -247,10 +253,18 @@ def load_model(path: str | Path, kind: Optional[str] = None, *, vertex_indices: 
     ckpt = read_checkpoint(path, map_location=map_location)
     fmt = checkpoint_format(ckpt)
     kind = _kind_of(ckpt, fmt, path, kind)
+    spec = SPECS[kind]
+    if fmt == "official" and spec.generative:
+        if qkv == "stored":
+            raise CheckpointError(f"{path}: an official file stores no q/k/v projections (qkv: "
+                                  "stored); choose a replay: released or training")
+        official_options["qkv"] = qkv or qkv_default
+    elif qkv not in (None, "stored") and spec.generative:
+        raise CheckpointError(f"{path}: qkv={qkv!r} replays the original code's draw for official "
+                              "files; this checkpoint of ours keeps its own projections (qkv: stored)")
     if fmt == "training":
         model, _ = load_trained_model(ckpt, kind, use_ema, path=path)
         return model
-    spec = SPECS[kind]
     head, encoders, report = _head_and_encoders(ckpt, fmt, kind, path,
                                                 {"map_location": map_location, **official_options})
     step = int(ckpt.get("step", 0) or 0) if fmt == "exported" else 0

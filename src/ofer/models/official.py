@@ -9,20 +9,12 @@ strictly and returns an :class:`ImportReport`; anything missing, unexpected or
 mis-shaped is a :class:`~ofer.errors.CheckpointError`, never a silent partial load.
 
 **The q/k/v projections.** The original denoiser kept its 16 q/k/v projections per
-attention block in a plain Python list: they were never trained and never saved; each
-process drew them from the torch CPU RNG when it built the network. They are part of
-the function the network computes, so we re-create them by replaying that draw with a
-``torch.Generator``:
-
-* ``qkv_replay="train"`` (default): the released training process
-  (``jobs.deterministic(0)`` = ``torch.manual_seed(0)``, then ``Arcface()`` (iresnet100:
-  default Conv2d/Linear init, then ``normal_(0, 0.1)`` on every Conv2d), then ``Unet``).
-  These are the projections the network was trained with for IdGen. ExpGen's training
-  process also built a CLIP ViT-B/16 before ArcFace, which is not replayed, so its
-  replay is not the training-time draw.
-* ``qkv_replay="unet"``: ``torch.manual_seed(qkv_seed)`` immediately followed by the
-  ``Unet`` (the network is the first RNG consumer).
-* ``qkv=<dict>``: projections you dumped yourself (keys ``<block>.to_qkv.<i>.weight``).
+attention block in a plain Python list: never trained, never saved, drawn from the torch CPU
+generator whenever a process built the network. They are re-created by replaying that draw
+(:mod:`ofer.models.qkv_replay`): ``qkv="training"`` (default) gives the projections the
+network was trained with, ``qkv="released"`` those of the released ``test.py`` run (and so of
+its results), ``qkv="unet"`` a process that built the U-Net first; ``qkv_weights=<dict>``
+uses projections you dumped yourself (keys ``<block>.to_qkv.<i>.weight``).
 
 A training-time checkpoint also holds ``<block>.fn.fn.qkv.weight`` = projection 15 of each
 block as used in training; the report compares the replay against it ("verified" or
@@ -32,7 +24,6 @@ modules live in :mod:`ofer.nets`) and only counted here.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +34,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..nets.unet1d import TIME_EMB_DIM, Denoiser
 from .checkpoint import read_checkpoint, require_finite
+from .qkv_replay import QKV_REPLAYS, replay_description, replay_qkv
 from .spec import ARCFACE_DIM, KINDS, SPECS
 
 __all__ = [
@@ -58,7 +50,6 @@ __all__ = [
 ENCODER_ENTRIES = ("arcface", "farl")
 TRAINING_ENTRIES = ("optimizer", "scheduler", "epoch", "global_step", "batch_size", "validator")
 OFFICIAL_SCHEDULE = {"kind": "linear", "num_steps": 1000, "beta_1": 1e-4, "beta_T": 1e-2}
-QKV_REPLAYS = ("train", "unet")
 
 
 @dataclass
@@ -120,67 +111,6 @@ def _fail(message: str, report: ImportReport | None = None) -> CheckpointError:
     err = CheckpointError(message)
     err.report = report  # type: ignore[attr-defined]
     return err
-
-
-# ------------------------------------------------------------------ q/k/v replay
-@torch.no_grad()
-def _replay_iresnet_init(generator: torch.Generator, layers=(3, 13, 30, 3)) -> None:
-    """Consume the RNG exactly like constructing the original ``Arcface`` (iresnet100).
-
-    Construction draws kaiming-uniform values for every Conv2d (no bias) and the fc
-    Linear (weight, bias) in construction order; then every Conv2d weight is re-drawn
-    with ``normal_(0, 0.1)`` in ``modules()`` order (the downsample conv of a block comes
-    after its two convs there, but before them during construction).
-    """
-    a = math.sqrt(5)
-    convs: list[tuple[int, ...]] = []  # modules() order, for the normal_ pass
-
-    def draw(shape):
-        nn.init.kaiming_uniform_(torch.empty(shape), a=a, generator=generator)
-
-    draw((64, 3, 3, 3))
-    convs.append((64, 3, 3, 3))
-    inplanes = 64
-    for planes, blocks in zip((64, 128, 256, 512), layers):
-        down = (planes, inplanes, 1, 1)  # stride 2 everywhere -> always a downsample
-        draw(down)
-        for b in range(blocks):
-            c1, c2 = (planes, inplanes, 3, 3), (planes, planes, 3, 3)
-            draw(c1)
-            draw(c2)
-            convs += [c1, c2] + ([down] if b == 0 else [])
-            inplanes = planes
-    fc = torch.empty(512, 512 * 7 * 7)
-    nn.init.kaiming_uniform_(fc, a=a, generator=generator)
-    nn.init.uniform_(torch.empty(512), -1 / math.sqrt(512 * 49), 1 / math.sqrt(512 * 49),
-                     generator=generator)
-    del fc
-    for shape in convs:
-        nn.init.normal_(torch.empty(shape), 0, 0.1, generator=generator)
-
-
-def replay_qkv(denoiser_config: dict[str, Any], replay: str = "train",
-               seed: int = 0) -> dict[str, Tensor]:
-    """Re-create the original's q/k/v projections by replaying its construction-time RNG.
-
-    Args:
-        denoiser_config: ``param_dim``, ``cond_dim``, ``dims``, ``num_qkv``.
-        replay: ``"train"``: ``manual_seed(seed)`` -> ArcFace iresnet100 -> Unet (the
-            released training process, seed 0); ``"unet"``: ``manual_seed(seed)`` -> Unet.
-        seed: the torch seed of that process.
-
-    Returns:
-        ``{"<block>.fn.fn.to_qkv.<i>.weight": (384, c, 1)}`` for all blocks (Denoiser keys).
-    """
-    if replay not in QKV_REPLAYS:
-        raise ValueError(f"unknown q/k/v replay {replay!r}; expected one of {QKV_REPLAYS}")
-    g = torch.Generator().manual_seed(int(seed))
-    if replay == "train":
-        _replay_iresnet_init(g)
-    net = Denoiser(denoiser_config["param_dim"], denoiser_config["cond_dim"],
-                   denoiser_config["dims"], denoiser_config.get("num_qkv", 16))
-    net.reset_parameters(g)
-    return {k: v for k, v in net.state_dict().items() if ".to_qkv." in k}
 
 
 # ---------------------------------------------------------------- official import
@@ -277,17 +207,20 @@ def _strict_load(module: nn.Module, sd: dict[str, Tensor], report: ImportReport,
         report.loaded = len(expected)
 
 
-def import_official(source: str | Path | dict[str, Any], kind: str, *, qkv: dict[str, Tensor] | None = None,
-                    qkv_replay: str = "train", qkv_seed: int = 0, vertex_indices=None,
-                    map_location: Any = "cpu", path: str | Path | None = None) -> ImportResult:
+def import_official(source: str | Path | dict[str, Any], kind: str, *, qkv: str = "training",
+                    qkv_seed: int | None = None, qkv_weights: dict[str, Tensor] | None = None,
+                    vertex_indices=None, map_location: Any = "cpu",
+                    path: str | Path | None = None) -> ImportResult:
     """Read an official OFER ``.tar`` checkpoint into our model, strictly.
 
     Args:
         source: the ``.tar`` file (read with ``torch.load(weights_only=True)``), or its
             contents already read (then ``path`` names it in messages).
         kind: ``"idgen"``, ``"expgen"`` or ``"idrank"``; a file of another kind raises.
-        qkv: q/k/v projections to use instead of a replay (Denoiser ``to_qkv`` keys).
-        qkv_replay, qkv_seed: how to re-create the projections (module docstring).
+        qkv: which draw of the q/k/v projections to replay: ``"training"`` (the
+            network's own), ``"released"`` (the released ``test.py`` run) or ``"unet"``.
+        qkv_seed: the seed of that process (default: 1 for released, else 0).
+        qkv_weights: projections to use instead of a replay (Denoiser ``to_qkv`` keys).
         vertex_indices: IdRank only, the feature vertices (the original
             ``frontindices.npy``); can also be set later with ``set_vertex_indices``.
 
@@ -377,18 +310,17 @@ def import_official(source: str | Path | dict[str, Any], kind: str, *, qkv: dict
         report.schedule = "linear T=1000, beta 1e-4 -> 1e-2 (all 17 buffers match)"
 
     # q/k/v projections
-    if qkv is not None:
+    if qkv_weights is not None:
         report.qkv_source = "supplied by the caller"
-        proj = qkv
+        proj = qkv_weights
     else:
-        proj = replay_qkv(arch, qkv_replay, qkv_seed)
-        what = ("training process: manual_seed(%d) -> ArcFace iresnet100 -> Unet" % qkv_seed
-                if qkv_replay == "train" else "manual_seed(%d) -> Unet" % qkv_seed)
-        report.qkv_source = f"replayed construction-time RNG draw ({what})"
-        if spec.uses_farl and qkv_replay == "train":
-            report.notes.append("ExpGen's training process built CLIP ViT-B/16 before ArcFace; "
-                                "that draw is not replayed, so these are not its training-time "
-                                "projections")
+        if qkv not in QKV_REPLAYS:
+            raise CheckpointError(f"unknown q/k/v replay {qkv!r}; expected one of {QKV_REPLAYS}")
+        try:
+            proj = replay_qkv(arch, qkv, qkv_seed, kind=kind)
+        except ValueError as exc:
+            raise _fail(f"{path}: {exc}", report) from exc
+        report.qkv_source = "replayed " + replay_description(qkv, qkv_seed, kind, spec.uses_farl)
     qkv_report = ImportReport(path=str(path), kind=kind)
     _strict_load(model.net, proj, qkv_report, skip=tuple(k for k in model.net.state_dict()
                                                           if ".to_qkv." not in k))
@@ -397,7 +329,12 @@ def import_official(source: str | Path | dict[str, Any], kind: str, *, qkv: dict
                     f"{qkv_report.summary()}", report)
     # compare with the training-time projection 15 stored as <block>.fn.fn.qkv.weight
     stored = {k: v for k, v in net_sd.items() if k.endswith(".fn.fn.qkv.weight")}
-    if stored:
+    if not stored:
+        report.qkv_check = "not verifiable (the file holds no '.fn.fn.qkv.weight' keys)"
+    elif qkv == "released" and qkv_weights is None:
+        report.qkv_check = ("not compared: the file stores training-time projections, and the "
+                            "released run drew others")
+    else:
         last = arch["num_qkv"] - 1
         match = sum(
             torch.allclose(v.float(), model.net.state_dict()[
@@ -407,6 +344,4 @@ def import_official(source: str | Path | dict[str, Any], kind: str, *, qkv: dict
                             "training-time projection" if match == len(stored) else
                             f"mismatch: {match}/{len(stored)} blocks equal the stored "
                             "training-time projection; outputs will differ from training")
-    else:
-        report.qkv_check = "not verifiable (the file holds no '.fn.fn.qkv.weight' keys)"
     return ImportResult(model.eval(), report, encoders)

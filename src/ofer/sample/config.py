@@ -9,7 +9,7 @@ from ..config import check_key
 from ..diffusion.samplers import METHODS
 
 __all__ = ["SampleConfig", "FlameSection", "CheckpointSection", "DetectorSection", "UncertaintySection",
-           "GroupSection", "VideoSection", "PreprocessSection", "EXPORTS", "PRESETS", "PREPROCESS_PRESETS"]
+           "GroupSection", "VideoSection", "PreprocessSection", "EXPORTS", "PRESETS", "PREPROCESS_PRESETS", "QKV_PRESETS"]
 
 #: Sampler (method, steps) of each generator under each preset.
 PRESETS = {
@@ -17,6 +17,11 @@ PRESETS = {
     # the released pipeline: strided legacy DDIM (251 evaluations) and ancestral DDPM (1000)
     "faithful": {"idgen": ("legacy_ddim", None), "expgen": ("ddpm", 1000)},
 }
+
+
+#: q/k/v projections of official denoisers under each preset (:mod:`ofer.models.qkv_replay`):
+#: the draw the networks were trained with, or the released test script's draw.
+QKV_PRESETS = {"fast": "training", "faithful": "released"}
 
 
 #: Face crops of each preset: (antialias, warp, farl_jpeg_quality); see :class:`PreprocessSection`.
@@ -189,6 +194,11 @@ class SampleConfig:
     #: the batch; ``released``: the released test script's stream, image after image in the
     #: order of the run (:mod:`ofer.sample.released_noise`; one process, legacy_ddim + ddpm)
     noise: Literal["seeded", "released"] = "seeded"
+    #: q/k/v projections of the denoisers: ``released`` (the released test script's draw,
+    #: what the released results were made with), ``training`` (the draw each network was
+    #: trained with), ``stored`` (our checkpoints keep theirs); None: the preset's for
+    #: official files (faithful: released, fast: training), stored for ours
+    qkv: Optional[Literal["released", "training", "stored"]] = None
     channel_order: Literal["bgr", "rgb"] = "bgr"
     aligned: bool = False
     use_sidecar: bool = True
@@ -259,6 +269,11 @@ class SampleConfig:
         given = (pre.antialias, pre.warp, pre.farl_jpeg_quality)
         values = [p if g is None else g for p, g in zip(PREPROCESS_PRESETS[self.preset], given)]
         return {"antialias": bool(values[0]), "warp": values[1], "farl_jpeg_quality": values[2] or None}
+
+    @property
+    def official_qkv(self) -> str:
+        """The q/k/v replay used for official denoisers when ``qkv`` is null: the preset's."""
+        return QKV_PRESETS[self.preset]
 
     @property
     def batch1_quirk(self) -> bool:

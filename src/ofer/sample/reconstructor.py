@@ -110,6 +110,21 @@ class Reconstructor:
         if flame_id.num_vertices != flame_exp.num_vertices:
             raise AssetError("the identity and expression FLAME layers have different vertex counts")
 
+    def model_lines(self) -> list[str]:
+        """One line per model: its file and format, and for an official denoiser where its
+        q/k/v projections came from (the import report)."""
+        lines = []
+        for kind, model in self.models.items():
+            info = getattr(model, "load_info", None)
+            if info is None:
+                continue
+            line = f"{kind}: {info.format} checkpoint {info.path}"
+            rep = info.import_report
+            if rep is not None and rep.qkv_source:
+                line += f"; q/k/v projections: {rep.qkv_source}"
+            lines.append(line)
+        return lines
+
     @staticmethod
     def _aliases(mods: dict[str, nn.Module | None]) -> dict[str, str]:
         names = list(mods)
@@ -127,7 +142,8 @@ class Reconstructor:
         models = {}
         for kind in ("idgen", "expgen", "idrank"):
             try:
-                models[kind] = load_model(resolve_path(root, getattr(ck, kind)), kind, vertex_indices=vidx)
+                models[kind] = load_model(resolve_path(root, getattr(ck, kind)), kind, vertex_indices=vidx,
+                                          qkv=cfg.qkv, qkv_default=cfg.official_qkv)
             except CheckpointError as exc:
                 raise CheckpointError(f"config key 'checkpoints.{kind}': {exc}") from exc
             except AssetError as exc:

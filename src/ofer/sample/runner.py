@@ -375,7 +375,8 @@ def settings_of(cfg: SampleConfig) -> dict:
         "seed": cfg.seed, "n_identities": cfg.n_identities, "n_expressions": cfg.n_expressions,
         "save_expressions": cfg.save_expressions, "samplers": {w: list(cfg.sampler(w)) for w in ("idgen", "expgen")},
         "jaw_scale": cfg.jaw_scale, "ranker_batch1_quirk": cfg.batch1_quirk, "channel_order": cfg.channel_order,
-        "noise": cfg.noise, "aligned": cfg.aligned, "use_sidecar": cfg.use_sidecar, "mesh_format": cfg.mesh_format,
+        "noise": cfg.noise, "qkv": [cfg.qkv, cfg.official_qkv], "aligned": cfg.aligned,
+        "use_sidecar": cfg.use_sidecar, "mesh_format": cfg.mesh_format,
         "chosen_expressions": cfg.chosen_expressions, "export": list(cfg.export),
         "uncertainty": {"top_k": cfg.uncertainty.top_k, "meshes": cfg.uncertainty.meshes,
                         "scale_mm": cfg.uncertainty.scale_mm,
@@ -447,6 +448,9 @@ def run(cfg: SampleConfig, input_path: str | os.PathLike, output: str | os.PathL
     rec = reconstructor
     if rec is None and todo:
         rec = Reconstructor.from_config(cfg, device)
+        if rank == 0:
+            for line in rec.model_lines():
+                log(line)
     if cfg.noise == "released" and rec is not None:
         if world > 1:
             raise ConfigError("noise=released follows one image list: run it in one process")
