@@ -13,6 +13,7 @@ from ofer.data.align import (
     estimate_norm,
     farl_crop,
     farl_crop_matrix,
+    kps_from_landmarks68,
     norm_crop,
     select_center_face,
     transform_points,
@@ -164,6 +165,15 @@ def test_box_from_kps_equivariant():
     # a rolled face keeps the box size (no inflation by rotation)
     b = box_from_kps(transform_points(_similarity(3.0, 0.5, 50.0, 20.0), ARCFACE_TEMPLATE))
     np.testing.assert_allclose(b[2:] - b[:2], (align.CANONICAL_BOX[2:] - align.CANONICAL_BOX[:2]) * 3.0)
+
+
+def test_kps_from_landmarks68_groups_and_order():
+    lmk = np.random.default_rng(0).normal(size=(2, 68, 3))
+    kps = kps_from_landmarks68(lmk)
+    ref = [lmk[:, 36:42].mean(1), lmk[:, 42:48].mean(1), lmk[:, 30], lmk[:, 48], lmk[:, 54]]
+    assert kps.shape == (2, 5, 3)
+    np.testing.assert_allclose(kps, np.stack(ref, axis=1), atol=1e-15)
+    np.testing.assert_allclose(kps_from_landmarks68(lmk[0, :, :2]), kps[0, :, :2], atol=1e-15)
 
 
 def test_select_center_face_uses_x_and_y_correctly():

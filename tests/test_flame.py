@@ -160,6 +160,9 @@ def test_landmarks_are_barycentric_interpolations(synthetic_flame, synthetic_fla
     ref_c = np.stack([sum(dyn_b[l, k] * V[Fc[dyn_f[l], k]] for k in range(3)) for l in range(17)])
     np.testing.assert_allclose(out.landmarks68_dynamic[0, :17].numpy(), ref_c, atol=1e-12)
     np.testing.assert_allclose(out.landmarks68_dynamic[0, 17:].numpy(), out.landmarks68[0, 17:].numpy(), atol=1e-6)
+    # the same embedding on given meshes; a layer without one has none
+    np.testing.assert_allclose(synthetic_flame.landmarks68_of(out.vertices)[0].numpy(), ref, atol=1e-12)
+    assert FLAME(synthetic_flame_paths.model, None).landmarks68_of(out.vertices.float()) is None
 
 
 @pytest.mark.parametrize("yaw_deg,row", [(0, 0), (10, 10), (39, 39), (45, 39), (-10, 49), (-39, 78), (-50, 78)])

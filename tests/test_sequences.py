@@ -56,6 +56,9 @@ def test_smooth_keys_passes_through_the_keys():
 def test_format_measurements():
     rep = {"photo_sets": {"1": {"group (log_softmax)": {"mean_mm": 2.0, "groups": 8}},
                           "2": {"group (log_softmax)": {"mean_mm": 1.5, "groups": 4}}},
-           "clips": {"dp (smooth 1)": {"error_mm": 1.0, "error_occluded_frames_mm": 1.2, "jitter_mm": 0.3, "clips": 2}}}
+           "clips": {"dp (smooth 1)": {"error_mm": 1.0, "error_occluded_frames_mm": 1.2, "jitter_mm": 0.3, "clips": 2},
+                     "global pose (fit)": {"yaw_deg": 2.5, "pitch_deg": 1.25, "roll_deg": 0.5, "angle_deg": 3.0,
+                                           "clips": 2}}}
     text = format_measurements(rep)
     assert "| group (log_softmax) | 2.000 | 1.500 |" in text and "| dp (smooth 1) | 1.000 | 1.200 | 0.300 |" in text
+    assert "| global pose (fit) | 2.50 | 1.25 | 0.50 | 3.00 |" in text and "| global pose (fit) | 2.500 |" not in text

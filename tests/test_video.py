@@ -103,7 +103,7 @@ def test_clip_round_trip_through_pyav(tmp_path):
         read_frames(tmp_path / "c.mp4.missing")
 
 
-def test_clip_run_outputs(setup, tmp_path):  # noqa: F811
+def test_clip_run_outputs(setup, tmp_path, synthetic_flame_paths):  # noqa: F811
     pytest.importorskip("av")
     from PIL import Image
 
@@ -118,7 +118,8 @@ def test_clip_run_outputs(setup, tmp_path):  # noqa: F811
     assert info["frames"] == 6 and info["filled_frames"] == ["002.png"]
     z = np.load(out / "motion.npz")
     assert z["shape"].shape == (N_SHAPE,) and z["exp"].shape == (6, N_EXP) and z["jaw_pose"].shape == (6, 3)
-    assert z["global_pose"].shape == (6, 3) and list(z["filled"]) == [False, False, True, False, False, False]
+    assert z["global_pose"].shape == (6, 3) and z["camera"].shape == (6, 3)
+    assert list(z["filled"]) == [False, False, True, False, False, False]
     assert z["chosen"].shape == (6,) and z["data_cost"].shape == (6, 5)
     assert list(z["identity_frames"]) == [0, 2, 5]
     assert sorted(p.name for p in (out / "frames").iterdir()) == [f"frame_{t:06d}.ply" for t in range(6)]
@@ -129,6 +130,17 @@ def test_clip_run_outputs(setup, tmp_path):  # noqa: F811
     import trimesh
 
     meshes = [trimesh.load(out / "frames" / f"frame_{t:06d}.ply", process=False).vertices for t in range(6)]
+    # global pose and camera: the fit of the written meshes' keypoint landmarks to the keypoints
+    assert json.loads((out / "video.json").read_text())["global_pose"] == "scaled-orthographic"
+    from ofer.flame import FLAME
+    from ofer.sample.video import clip_global_pose
+
+    flame = FLAME(synthetic_flame_paths.model, synthetic_flame_paths.landmarks, n_shape=N_SHAPE, n_exp=0,
+                  dtype=torch.float64)
+    pose, cam, _ = clip_global_pose(flame, torch.as_tensor(np.stack(meshes)) / 1000.0, z["kps"].astype(np.float64),
+                                    cfg.video.smooth_sigma, log=lambda *a: None)
+    np.testing.assert_allclose(z["global_pose"], pose, atol=1e-3)
+    np.testing.assert_allclose(z["camera"], cam, rtol=1e-3)
     assert jitter_mm(np.stack(meshes) / 1000.0) == pytest.approx(info["jitter_mm"], rel=1e-3)
     ind = _cfg(ov, "batch_size=4", "video.identity_frames=3", "video.choice=independent", "video.preview=false")
     z2 = np.load(run_video(ind, clip, tmp_path / "ind", detector=_StubDetector(), log=lambda *a: None)

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ofer.data.align import kps_from_landmarks68
 from ofer.data.occlusion import OcclusionConfig
 from ofer.errors import ConfigError, OferError
 from ofer.preprocess import preprocess_folder
 from ofer.world.build import WorldConfig, build_world, main, save_npz_deterministic
 from ofer.world.prior import HeadPrior
-from ofer.world.scene import FaceRenderer, SceneConfig, kps_from_landmarks68
+from ofer.world.scene import FaceRenderer, SceneConfig
 
 TINY = dict(identities=3, images_per_identity=2, expression_frames=2, images_per_frame=2, test_identities=2,
             vertices=1200, scene=SceneConfig(size=96))

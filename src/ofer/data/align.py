@@ -40,6 +40,7 @@ from ..geometry import umeyama as _similarity_fit
 
 __all__ = [
     "ARCFACE_TEMPLATE",
+    "kps_from_landmarks68",
     "FARL_SCALE",
     "CANONICAL_BOX",
     "Detector",
@@ -72,6 +73,20 @@ FARL_SCALE = 1.6
 #: 94 px tall (brows to chin), centred on x = 56; chosen to approximate SCRFD boxes on
 #: frontal faces, so that crops made from sidecars frame the face like detector crops.
 CANONICAL_BOX = np.array([19.0, 20.0, 93.0, 114.0])
+
+#: iBUG-68 indices grouped into the five keypoints (a group's points are averaged)
+_KPS_GROUPS_68 = (tuple(range(36, 42)), tuple(range(42, 48)), (30,), (48,), (54,))
+
+
+def kps_from_landmarks68(lmk: np.ndarray) -> np.ndarray:
+    """The five keypoints of iBUG-68 landmarks ``(..., 68, D) -> (..., 5, D)`` (2-D or 3-D).
+
+    Order as above: image-left eye (mean of 36..41, the subject's right eye), image-right eye
+    (mean of 42..47), nose tip (30), image-left mouth corner (48), image-right mouth corner (54).
+    """
+    lmk = np.asarray(lmk)
+    return np.stack([lmk[..., list(g), :].mean(-2) for g in _KPS_GROUPS_68], axis=-2)
+
 
 # --------------------------------------------------------------------------------------
 # Similarity transforms

@@ -201,13 +201,21 @@ class FLAME(nn.Module):
         )
         out = FLAMEOutput(vertices=vertices, joints=joints)
         if self.has_landmarks:
-            out.landmarks68 = vertices2landmarks(vertices, self.faces, self.full_lmk_faces_idx, self.full_lmk_bary_coords)
+            out.landmarks68 = self.landmarks68_of(vertices)
             out.landmarks7 = out.landmarks68[:, list(NOW_LANDMARK_INDICES)]
             dyn_faces, dyn_bary = self._dynamic_contour(full_pose)
             faces_idx = torch.cat([dyn_faces, self.static_lmk_faces_idx.unsqueeze(0).expand(B, -1)], dim=1)
             bary = torch.cat([dyn_bary, self.static_lmk_bary_coords.unsqueeze(0).expand(B, -1, -1)], dim=1)
             out.landmarks68_dynamic = vertices2landmarks(vertices, self.faces, faces_idx, bary)
         return out
+
+    def landmarks68_of(self, vertices: torch.Tensor) -> torch.Tensor | None:
+        """The full-embedding iBUG-68 landmarks ``(B, 68, 3)`` of meshes ``(B, V, 3)`` of this
+        topology on this layer's device (as ``forward``'s ``landmarks68``); ``None`` without a
+        landmark embedding."""
+        if not self.has_landmarks:
+            return None
+        return vertices2landmarks(vertices, self.faces, self.full_lmk_faces_idx, self.full_lmk_bary_coords)
 
     def _pose(self, x: torch.Tensor | None, width: int, name: str, batch: int) -> torch.Tensor:
         if x is None:

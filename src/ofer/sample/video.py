@@ -27,7 +27,7 @@ from ..errors import OferError
 from .config import SampleConfig
 
 __all__ = ["VIDEO_EXTENSIONS", "is_video", "read_frames", "fill_gaps", "smooth_keypoints", "dp_path",
-           "rms_distances", "choose_expressions", "jitter_mm", "in_plane_pose", "run_video"]
+           "rms_distances", "choose_expressions", "jitter_mm", "in_plane_pose", "clip_global_pose", "run_video"]
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -184,6 +184,34 @@ def in_plane_pose(kps: np.ndarray) -> np.ndarray:
     return out
 
 
+def clip_global_pose(flame: Any, vertices: torch.Tensor, kps: np.ndarray, sigma: float,
+                     log: Callable[[str], Any] = print) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Each frame's head pose from its (smoothed) keypoints and its reconstructed mesh ``(F, V, 3)``
+    (canonical pose, metres): ``(global_pose (F, 3) axis-angle, camera (F, 3) = (s, t_x, t_y),
+    method)`` by a scaled-orthographic fit to the mesh's five keypoint landmarks
+    (:func:`ofer.sample.head_pose.estimate_clip_pose`, smoothed with ``sigma`` frames). Without a
+    landmark embedding on ``flame`` (or no frame with usable keypoints): :func:`in_plane_pose`
+    and no camera, logged."""
+    from ..data.align import kps_from_landmarks68
+    from .head_pose import estimate_clip_pose
+
+    p = next(iter(flame.buffers()))
+    lmk = flame.landmarks68_of(vertices.to(p.device, p.dtype)) if getattr(flame, "has_landmarks", False) else None
+    if lmk is None:
+        log("no landmark embedding: global_pose holds the in-plane rotation only")
+        return in_plane_pose(kps), None, "in-plane"
+    model = kps_from_landmarks68(lmk.double().cpu().numpy())
+    inplane = in_plane_pose(kps)
+    try:
+        pose, cam, failed = estimate_clip_pose(model, kps, sigma, smooth_keypoints, starts=inplane)
+    except OferError as exc:
+        log(f"{exc}: global_pose holds the in-plane rotation only")
+        return inplane, None, "in-plane"
+    if failed.any():
+        log(f"pose fit: degenerate keypoints in {int(failed.sum())} frame(s): their neighbours' pose used")
+    return pose, cam, "scaled-orthographic"
+
+
 # ----------------------------------------------------------------------------------------
 # The clip run
 # ----------------------------------------------------------------------------------------
@@ -335,9 +363,10 @@ def run_video(cfg: SampleConfig, input_path: str | Path, output: str | Path, rec
               log: Callable[[str], Any] = print, device: Any = None, detector: Any = None) -> dict:
     """Reconstruct a clip (or a folder of frames) into ``output``; returns ``video.json``'s dict.
 
-    Outputs: ``motion.npz`` (``shape`` once; ``exp``, ``jaw_pose``, ``global_pose`` (the
-    in-plane rotation only), ``kps`` (smoothed, px), ``filled`` (frames without a detected
-    face), ``chosen`` (the hypothesis per frame, -1: the mean) per frame; ``fps``),
+    Outputs: ``motion.npz`` (``shape`` once; ``exp``, ``jaw_pose``, ``global_pose`` and
+    ``camera`` (:func:`clip_global_pose`; the camera model: :mod:`ofer.sample.head_pose`),
+    ``kps`` (smoothed, px), ``filled`` (frames without a detected face), ``chosen`` (the
+    hypothesis per frame, -1: the mean) per frame; ``fps``),
     ``identity.<ext>``, ``frames/frame_XXXXXX.<ext>`` (``video.meshes``), ``preview.mp4``
     (``video.preview``) and ``video.json`` (written last).
     """
@@ -383,9 +412,11 @@ def run_video(cfg: SampleConfig, input_path: str | Path, output: str | Path, rec
     faces = rec.flame_id.faces.cpu().numpy()
     ext = cfg.mesh_format
     t0 = time.perf_counter()
+    pose, camera, pose_method = clip_global_pose(rec.flame_id, res["vertices"], kps, cfg.video.smooth_sigma, log)
     write_mesh(output / f"identity.{ext}", res["identity_vertices"], faces, unit="mm")
     write_npz(output / "motion.npz", shape=res["shape"].astype(np.float32), exp=res["exp"].astype(np.float32),
-              jaw_pose=res["jaw"].astype(np.float32), global_pose=in_plane_pose(kps).astype(np.float32),
+              jaw_pose=res["jaw"].astype(np.float32), global_pose=pose.astype(np.float32),
+              **({} if camera is None else {"camera": camera.astype(np.float32)}),
               kps=kps.astype(np.float32), filled=filled, chosen=res["path"].astype(np.int64), fps=np.float64(fps),
               data_cost=res["data_cost"].astype(np.float32), identity_frames=res["identity_frames"],
               identity_scores=res["identity_scores"], seed=np.int64(cfg.seed))
@@ -398,7 +429,7 @@ def run_video(cfg: SampleConfig, input_path: str | Path, output: str | Path, rec
     wall = time.perf_counter() - t_start
     info = {"input": str(input_path), "status": "ok", "frames": len(frames), "fps": fps,
             "filled_frames": [names[t] for t in np.flatnonzero(filled)], "choice": cfg.video.choice,
-            "data_weight": cfg.video.data_weight, "smooth_weight": cfg.video.smooth_weight,
+            "data_weight": cfg.video.data_weight, "smooth_weight": cfg.video.smooth_weight, "global_pose": pose_method,
             "identity_frames": [names[t] for t in res["identity_frames"]],
             "jitter_mm": jitter_mm(res["vertices"]), "wall_seconds": wall,
             "frames_per_second": len(frames) / wall, "stage_seconds": timer,

@@ -15,32 +15,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.align import kps_from_landmarks68
 from ..data.occlusion import OcclusionConfig, occlude_with_info
 from ..errors import ConfigError
 from ..render import Camera, render
 from .prior import N_SHAPE, check_range
 
-__all__ = ["SceneConfig", "FaceSample", "FaceRenderer", "kps_from_landmarks68"]
+__all__ = ["SceneConfig", "FaceSample", "FaceRenderer"]
 
-#: iBUG-68 index groups used for the five insightface keypoints
+#: iBUG-68 index groups painted on the albedo and used for the mouth's occlusion
 _LEFT_EYE = list(range(36, 42))  # appears on the image left in a frontal view
 _RIGHT_EYE = list(range(42, 48))
-_NOSE_TIP = 30
-_MOUTH_LEFT, _MOUTH_RIGHT = 48, 54
 _MOUTH = list(range(48, 68))
-
-
-def kps_from_landmarks68(lmk: np.ndarray) -> np.ndarray:
-    """Five insightface keypoints from iBUG-68 landmarks (..., 68, D) -> (..., 5, D).
-
-    Order: image-left eye (mean of 36..41), image-right eye (mean of 42..47), nose tip (30),
-    image-left mouth corner (48), image-right mouth corner (54).
-    """
-    lmk = np.asarray(lmk)
-    return np.stack([
-        lmk[..., _LEFT_EYE, :].mean(-2), lmk[..., _RIGHT_EYE, :].mean(-2),
-        lmk[..., _NOSE_TIP, :], lmk[..., _MOUTH_LEFT, :], lmk[..., _MOUTH_RIGHT, :],
-    ], axis=-2)
 
 
 @dataclass(frozen=True)

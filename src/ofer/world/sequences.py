@@ -15,7 +15,7 @@
 on them (``python -m ofer.world.sequences measure``) and report the identity error of the group
 identity against the per-image ranked identities and the mean shape for each K, and the
 per-frame expression error and jitter of the dynamic-programming path against independent
-per-frame choice and the per-frame sample mean.
+per-frame choice and the per-frame sample mean, and the error of the clip's global pose.
 """
 
 from __future__ import annotations
@@ -209,11 +209,17 @@ def measure_clips(rec, seq_dir: str | Path, world: str | Path, kps_noise_px: flo
     """Per-frame expression error (mm, face region: the expression's displacement from the
     neutral head, so that the identity's error is left out) and jitter (mean vertex
     acceleration, mm) of the DP path (each smoothness weight), independent per-frame choice and
-    the per-frame sample mean. The keypoints are the world's with Gaussian noise of
+    the per-frame sample mean; and the error (degrees, mean absolute yaw, pitch and roll as
+    the world draws them, and the geodesic angle) of the global pose estimate
+    (:func:`ofer.sample.video.clip_global_pose` on the chosen path's meshes) and of the
+    in-plane-only estimate. The keypoints are the world's with Gaussian noise of
     ``kps_noise_px`` and missing (detection failed) on the frames the bar covers, then filled
     and smoothed as :func:`ofer.sample.video.run_video` does."""
+    from scipy.spatial.transform import Rotation
+
     from ..flame.assets import safe_load_pickle
-    from ..sample.video import choose_expressions, fill_gaps, jitter_mm, reconstruct_clip, smooth_keypoints
+    from ..sample.video import (choose_expressions, clip_global_pose, fill_gaps, in_plane_pose, jitter_mm,
+                                reconstruct_clip, smooth_keypoints)
 
     seq_dir, world = Path(seq_dir), Path(world)
     face = np.asarray(safe_load_pickle(world / "flame" / "FLAME_masks.pkl")["face"])
@@ -259,6 +265,15 @@ def measure_clips(rec, seq_dir: str | Path, world: str | Path, kps_noise_px: flo
             d.setdefault("error_occluded_frames_mm", []).append(float(err[occ].mean()) if occ.any() else math.nan)
             d.setdefault("jitter_mm", []).append(jitter_mm(v))
         out.setdefault("ground truth", {}).setdefault("jitter_mm", []).append(jitter_mm(gv))
+        true = Rotation.from_rotvec(gt["global_pose"].astype(np.float64))
+        pose = clip_global_pose(rec.flame_id, res["vertices"], kps, cfg.video.smooth_sigma, log=lambda *a: None)[0]
+        for name, p in (("global pose (fit)", pose), ("global pose (in-plane only)", in_plane_pose(kps))):
+            est = Rotation.from_rotvec(p)
+            ypr = np.abs(est.as_euler("YXZ", degrees=True) - true.as_euler("YXZ", degrees=True)).mean(0)
+            d = out.setdefault(name, {})
+            for k, e in zip(("yaw_deg", "pitch_deg", "roll_deg"), ypr):
+                d.setdefault(k, []).append(float(e))
+            d.setdefault("angle_deg", []).append(float(np.degrees((true.inv() * est).magnitude()).mean()))
     return {name: {k: float(np.nanmean(v)) for k, v in d.items()} | {"clips": len(next(iter(d.values())))}
             for name, d in out.items()}
 
@@ -282,11 +297,17 @@ def format_measurements(rep: dict) -> str:
         lines += ["| per-frame expression | error (mm) | error, occluded frames (mm) | jitter (mm/frame^2) |",
                   "|---|---|---|---|"]
         for n, d in cl.items():
-            if n == "ground truth":
+            if "error_mm" not in d:
                 continue
             lines.append(f"| {n} | {d['error_mm']:.3f} | {d['error_occluded_frames_mm']:.3f} | {d['jitter_mm']:.3f} |")
         if "ground truth" in cl:
             lines.append(f"| ground truth | 0 | 0 | {cl['ground truth']['jitter_mm']:.3f} |")
+        poses = {n: d for n, d in cl.items() if "yaw_deg" in d}
+        if poses:
+            lines += ["", "| global pose error (deg) | yaw | pitch | roll | angle |", "|---|---|---|---|---|"]
+            for n, d in poses.items():
+                lines.append(f"| {n} | {d['yaw_deg']:.2f} | {d['pitch_deg']:.2f} | {d['roll_deg']:.2f} | "
+                             f"{d['angle_deg']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
