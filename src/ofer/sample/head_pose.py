@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from ..errors import OferError
 
@@ -66,15 +67,6 @@ def project_scaled_orthographic(points: np.ndarray, R: np.ndarray, scale: float,
 
 def _skew(w: np.ndarray) -> np.ndarray:
     return np.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
-
-
-def _exp_so3(w: np.ndarray) -> np.ndarray:
-    """Rotation matrix of the axis-angle ``w`` (Rodrigues)."""
-    th = float(np.linalg.norm(w))
-    K = _skew(w)
-    if th < 1e-8:
-        return np.eye(3) + K + 0.5 * K @ K
-    return np.eye(3) + math.sin(th) / th * K + (1.0 - math.cos(th)) / th ** 2 * K @ K
 
 
 def rotation_angle(R1: np.ndarray, R2: np.ndarray) -> float:
@@ -145,7 +137,7 @@ def _refine(X: np.ndarray, q: np.ndarray, R: np.ndarray, scale: float, iters: in
         improved = False
         for _ in range(20):
             step = np.linalg.solve(A + lam * np.diag(np.diag(A) + 1e-12), -g)
-            R_new = _exp_so3(step[:3]) @ R
+            R_new = Rotation.from_rotvec(step[:3]).as_matrix() @ R
             s_new = scale + step[3]
             e_new = cost(R_new, s_new)
             if s_new > 0 and e_new <= e:
@@ -230,7 +222,6 @@ def fit_scaled_orthographic(model: np.ndarray, kps: np.ndarray, previous: np.nda
 
 
 def _rotvec(R: np.ndarray) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
 
     return Rotation.from_matrix(R).as_rotvec()
 
@@ -238,7 +229,6 @@ def _rotvec(R: np.ndarray) -> np.ndarray:
 def smooth_rotations(R: np.ndarray, sigma: float, smooth: Callable[[np.ndarray, float], np.ndarray]) -> np.ndarray:
     """Gaussian smoothing of ``(F, 3, 3)`` rotations over time: unit quaternions, signs made
     continuous, smoothed component-wise by ``smooth`` and renormalised."""
-    from scipy.spatial.transform import Rotation
 
     quat = Rotation.from_matrix(R).as_quat()
     for i in range(1, len(quat)):
@@ -271,7 +261,7 @@ def estimate_clip_pose(model: np.ndarray, kps: np.ndarray, sigma: float,
     cands: list = [None] * F
     for f in range(F):
         try:
-            cands[f] = _candidates(model[f], kps[f], () if starts is None else [_exp_so3(starts[f])])
+            cands[f] = _candidates(model[f], kps[f], () if starts is None else [Rotation.from_rotvec(starts[f]).as_matrix()])
         except OferError:
             pass
     good = np.array([c is not None for c in cands])
