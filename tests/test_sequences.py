@@ -76,3 +76,7 @@ def test_paired_halves_against_hand_computed_differences():
     text = format_measurements(rep)
     assert "| g | 2.250 | 2.000 |" in text and "K = paired" not in text
     assert "| g | -0.250 | 0.750 | 1 of 2 |" in text
+    rep["photo_sets"]["vs_best"] = {"1": {"g2": {"mean_diff_mm": -0.5, "se_mm": 0.25, "wins": 3, "pairs": 4}},
+                                     "2": {"g2": {"mean_diff_mm": 0.125, "se_mm": 0.5, "wins": 1, "pairs": 2}}}
+    text = format_measurements(rep)
+    assert "| g2 | -0.500 +- 0.250, 3/4 | +0.125 +- 0.500, 1/2 |" in text and "K = vs_best" not in text

@@ -221,13 +221,25 @@ def measure_photo_sets(rec, seq_dir: str | Path, world: str | Path, ks: Sequence
                 r.setdefault("average pooled hypothesis", []).append(float(errs.mean()))
                 r.setdefault("mean shape", []).append(float(_face_error(template[None], gt, face)[0]))
                 r.setdefault("best pooled hypothesis (oracle)", []).append(float(errs.min()))
-    out: dict[str, Any] = {str(K): {name: {"mean_mm": float(np.mean(v)), "groups": len(v)} for name, v in r.items()}
+    out: dict[str, Any] = {str(K): {name: {"mean_mm": float(np.mean(v)), "groups": len(v),
+                                           "errors_mm": [round(x, 4) for x in v]} for name, v in r.items()}
                            for K, r in rows.items()}
     # the rows that differ between a group and its halves (the others are the same by construction)
     sel = [n for n in rows[ks[0]] if n.startswith("group") or "oracle" in n]
     out["paired"] = {f"{K} vs {K // 2}": paired_halves({n: rows[K][n] for n in sel}, rows[K // 2])
                      for K in ks if K % 2 == 0 and K // 2 in rows and rows[K]}
+    # every other rule minus the default one on the same groups
+    ref = "group (log_softmax)"
+    out["vs_best"] = {str(K): {n: _paired_stats(np.subtract(rows[K][n], rows[K][ref]))
+                               for n in sel if n.startswith("group") and n != ref} for K in ks}
     return out
+
+
+def _paired_stats(d: np.ndarray) -> dict:
+    """Paired differences (mm) -> their mean, its standard error, and how many are negative."""
+    d = np.asarray(d, np.float64)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else math.nan
+    return {"mean_diff_mm": float(d.mean()), "se_mm": se, "wins": int((d < 0).sum()), "pairs": len(d)}
 
 
 def paired_halves(big: dict[str, list[float]], half: dict[str, list[float]]) -> dict:
@@ -241,9 +253,7 @@ def paired_halves(big: dict[str, list[float]], half: dict[str, list[float]]) -> 
         h = np.asarray(half[name], np.float64)
         if len(h) != 2 * len(v):
             continue
-        d = np.asarray(v, np.float64) - h.reshape(-1, 2).mean(1)
-        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else math.nan
-        res[name] = {"mean_diff_mm": float(d.mean()), "se_mm": se, "wins": int((d < 0).sum()), "pairs": len(d)}
+        res[name] = _paired_stats(np.asarray(v, np.float64) - h.reshape(-1, 2).mean(1))
     return res
 
 
@@ -325,7 +335,7 @@ def format_measurements(rep: dict) -> str:
     """Markdown tables of :func:`measure_photo_sets` and :func:`measure_clips`."""
     lines = []
     if "photo_sets" in rep:
-        ps = {k: v for k, v in rep["photo_sets"].items() if k != "paired"}
+        ps = {k: v for k, v in rep["photo_sets"].items() if k not in ("paired", "vs_best")}
         ks = list(ps)
         names = list(ps[ks[0]])
         lines += ["| identity error (mm) | " + " | ".join(f"K = {k}" for k in ks) + " |",
@@ -341,6 +351,16 @@ def format_measurements(rep: dict) -> str:
                       f"K = {k2} better |", "|---|---|---|---|"]
             for n, v in d.items():
                 lines.append(f"| {n} | {v['mean_diff_mm']:+.3f} | {v['se_mm']:.3f} | {v['wins']} of {v['pairs']} |")
+            lines.append("")
+        vs = rep["photo_sets"].get("vs_best", {})
+        if vs and any(vs.values()):
+            kv = list(vs)
+            lines += ["| minus group (log_softmax), same groups: mean (mm) +- std. error, wins | "
+                      + " | ".join(f"K = {k}" for k in kv) + " |", "|---|" + "---|" * len(kv)]
+            for n in vs[kv[0]]:
+                lines.append(f"| {n} | " + " | ".join(
+                    f"{vs[k][n]['mean_diff_mm']:+.3f} +- {vs[k][n]['se_mm']:.3f}, {vs[k][n]['wins']}/{vs[k][n]['pairs']}"
+                    for k in kv) + " |")
             lines.append("")
     if "clips" in rep:
         cl = rep["clips"]
