@@ -95,7 +95,7 @@ def test_grouped_run_shares_one_identity(setup, tmp_path):  # noqa: F811
         d.parent.mkdir(parents=True, exist_ok=True)
         d.write_bytes(f.read_bytes())
         d.with_suffix(".kps.txt").write_bytes(f.with_suffix(".kps.txt").read_bytes())
-    summary = run(_cfg(ov, "group.by=folder", "preview=false"), sub, out, log=lambda *a: None)
+    summary = run(_cfg(ov, "group.by=folder", "group.select=best", "preview=false"), sub, out, log=lambda *a: None)
     assert summary["ok"] == 4 and summary["failed"] == 0
     run(_cfg(ov, "preview=false"), sub / "a.png", single, log=lambda *a: None)
     for gname, members in (("_top", ("a", "b")), ("sub", ("sub/c", "sub/d"))):
@@ -124,7 +124,7 @@ def test_grouped_run_shares_one_identity(setup, tmp_path):  # noqa: F811
     np.testing.assert_allclose(np.load(out / "groups" / "_top" / "identity.npz")["shape_coeffs"][:6],
                                alone["shape_coeffs"], atol=1e-5)
     # a second run finds every group done
-    again = run(_cfg(ov, "group.by=folder", "preview=false"), sub, out, log=lambda *a: None)
+    again = run(_cfg(ov, "group.by=folder", "group.select=best", "preview=false"), sub, out, log=lambda *a: None)
     assert again["done_before"] == 4 and again["ok"] == 0
 
 
@@ -143,7 +143,7 @@ def test_grouped_run_top_mean(setup, tmp_path, synthetic_flame_paths):  # noqa: 
             d = sub / (n + ext)
             d.parent.mkdir(parents=True, exist_ok=True)
             d.write_bytes((images / (n + ext)).read_bytes())
-    summary = run(_cfg(ov, "group.by=folder", "group.select=top_mean", "group.top_k=4", "preview=false"), sub, out,
+    summary = run(_cfg(ov, "group.by=folder", "group.top_k=4", "preview=false"), sub, out,  # top_mean: the default
                   log=lambda *a: None)
     assert summary["ok"] == 2
     g = out / "groups" / "sub"

@@ -123,8 +123,9 @@ class GroupSection:
     names up to the first ``prefix_sep``) or ``list`` (``list``: a file of ``image,group``
     lines). ``per_image``: ``n_identities`` hypotheses from each image (else in total).
     ``aggregate``: how the scores under the group's images combine (``log_softmax``,
-    ``score``, ``borda``). ``select``: the identity is the hypothesis of the highest aggregate
-    (``best``) or the mean shape coefficients of the ``top_k`` highest (``top_mean``).
+    ``score``, ``borda``). ``select``: the identity is the mean shape coefficients of the
+    ``top_k`` highest aggregates (``top_mean``, the default: measured better than the single
+    best at every group size, docs/sequences.md) or the hypothesis of the highest (``best``).
     """
 
     by: Literal["none", "folder", "prefix", "list"] = "none"
@@ -132,7 +133,7 @@ class GroupSection:
     prefix_sep: str = "_"
     per_image: bool = True
     aggregate: Literal["log_softmax", "score", "borda"] = "log_softmax"
-    select: Literal["best", "top_mean"] = "best"
+    select: Literal["best", "top_mean"] = "top_mean"
     top_k: int = 10
 
 

@@ -14,8 +14,10 @@ Aggregate rules (``group.aggregate``), for an ``(I, H)`` score matrix ``S``:
 * ``score``: ``sum_i S_i``, the raw scores (an image with spread-out scores weighs more).
 * ``borda``: ``sum_i rank_i`` of each hypothesis within each image (robust to one outlying image).
 
-Selection (``group.select``): ``best`` takes the hypothesis of the highest aggregate;
-``top_mean`` the mean shape coefficients of the ``group.top_k`` highest (:func:`select_identity`).
+Selection (``group.select``): ``top_mean`` (the config's default) takes the mean shape
+coefficients of the ``group.top_k`` highest aggregates, ``best`` the hypothesis of the highest
+(:func:`select_identity`; :func:`reconstruct_group`'s own default is ``best``, the rule a single
+image is ranked by).
 """
 
 from __future__ import annotations

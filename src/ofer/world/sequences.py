@@ -162,7 +162,7 @@ def _faces_of(folder: Path, cfg) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def measure_photo_sets(rec, seq_dir: str | Path, world: str | Path, ks: Sequence[int] = (1, 2, 4, 8),
-                       top_ks: Sequence[int] = (5, 10, 25)) -> dict:
+                       top_ks: Sequence[int] = (5, 10, 25, 50)) -> dict:
     """Identity error (mm, face region, neutral) of the group identity for groups of K images
     (every disjoint run of K images of each set): each aggregate rule with ``select=best``,
     ``top_mean`` (log_softmax) for each of ``top_ks``, both selections with N hypotheses in
@@ -192,9 +192,9 @@ def measure_photo_sets(rec, seq_dir: str | Path, world: str | Path, ks: Sequence
         folder = seq_dir / "photosets" / gt_path.stem
         arc, farl = _faces_of(folder, rec.cfg)
         idx = [image_seed_index(f"{gt_path.stem}/{k}") for k in range(len(arc))]
-        # one image alone: also the groups of K = 1
-        singles = [reconstruct_group(rec, arc[i:i + 1], farl[i:i + 1], idx[i:i + 1], expressions=False,
-                                     keep_hypotheses=True) for i in range(len(arc))]
+        # one image alone, ranked as sample.py ranks a single image: also the groups of K = 1
+        singles = [reconstruct_group(rec, arc[i:i + 1], farl[i:i + 1], idx[i:i + 1], select="best",
+                                     expressions=False, keep_hypotheses=True) for i in range(len(arc))]
         alone = [float(_face_error(g.identity_vertices.numpy()[None], gt, face)[0]) for g in singles]
         for K in ks:
             for s in range(0, len(arc) - K + 1, K):
@@ -396,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("--config", required=True, help="sampling config (YAML) naming the models")
     m.add_argument("--output", default=None, help="write the measurements here (.json; .md beside)")
     m.add_argument("--ks", default="1,2,4,8")
-    m.add_argument("--top-ks", default="5,10,25", help="group.top_k values measured with top_mean")
+    m.add_argument("--top-ks", default="5,10,25,50", help="group.top_k values measured with top_mean")
     m.add_argument("--no-clips", action="store_true", help="measure the photo sets only")
     m.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
