@@ -143,8 +143,8 @@ def test_grouped_run_top_mean(setup, tmp_path, synthetic_flame_paths):  # noqa: 
             d = sub / (n + ext)
             d.parent.mkdir(parents=True, exist_ok=True)
             d.write_bytes((images / (n + ext)).read_bytes())
-    summary = run(_cfg(ov, "group.by=folder", "group.top_k=4", "preview=false"), sub, out,  # top_mean: the default
-                  log=lambda *a: None)
+    cfg = _cfg(ov, "group.by=folder", "group.top_k=4", "preview=false", "export=[flame]")  # top_mean: the default
+    summary = run(cfg, sub, out, log=lambda *a: None)
     assert summary["ok"] == 2
     g = out / "groups" / "sub"
     z = np.load(g / "identity.npz")
@@ -171,6 +171,21 @@ def test_grouped_run_top_mean(setup, tmp_path, synthetic_flame_paths):  # noqa: 
         res = json.loads((out / m / "result.json").read_text())
         assert res["ranked_index"] == top[0] and res["ranked_top"] == top
         assert (out / m / "identity.ply").read_bytes() == (g / "identity.ply").read_bytes()
+        np.testing.assert_array_equal(np.load(out / m / "export" / "flame_params.npz")["shape"][0], z["shape"])
+    # the consumers of an image's samples.npz take the mean identity, not shape_coeffs[ranked_index]
+    from ofer.eval.co545 import _flame_vertices, _load_npz
+    from ofer.sample.export import export_run
+
+    c = out / "sub" / "c"
+    (c / "export" / "flame_params.npz").unlink()
+    assert export_run(out, ["flame"], cfg, log=lambda *a: None) == 2
+    np.testing.assert_array_equal(np.load(c / "export" / "flame_params.npz")["shape"][0], z["shape"])
+    s = _load_npz(c / "samples.npz")
+    ref = flame(shape_coeffs=torch.from_numpy(z["shape"])[None].expand(2, -1),
+                exp_coeffs=torch.from_numpy(s["exp_coeffs"][:2]), jaw_pose=torch.from_numpy(s["jaw_pose"][:2])).vertices
+    got = _flame_vertices({k: s[k] for k in ("shape_coeffs", "identity_shape", "ranked_index")}
+                          | {"exp_coeffs": s["exp_coeffs"][:2], "jaw_pose": s["jaw_pose"][:2]}, flame, c)
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-6)
 
 
 def test_group_config_errors(setup):  # noqa: F811
