@@ -7,7 +7,7 @@ import pytest
 
 from ofer.world.build import WorldConfig, build_world
 from ofer.world.scene import SceneConfig
-from ofer.world.sequences import SequenceConfig, _smooth_keys, build_sequences, format_measurements
+from ofer.world.sequences import SequenceConfig, _smooth_keys, build_sequences, format_measurements, paired_halves
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,21 @@ def test_format_measurements():
     text = format_measurements(rep)
     assert "| group (log_softmax) | 2.000 | 1.500 |" in text and "| dp (smooth 1) | 1.000 | 1.200 | 0.300 |" in text
     assert "| global pose (fit) | 2.50 | 1.25 | 0.50 | 3.00 |" in text and "| global pose (fit) | 2.500 |" not in text
+
+
+def test_paired_halves_against_hand_computed_differences():
+    # groups of 2K: errors 1 and 3; their halves: (2, 2) and (1, 4) -> differences -1 and +0.5
+    big, half = {"g": [1.0, 3.0], "odd": [1.0]}, {"g": [2.0, 2.0, 1.0, 4.0], "odd": [1.0, 2.0, 3.0]}
+    d = paired_halves(big, half)
+    assert set(d) == {"g"}  # a row whose halves do not pair up is left out
+    assert d["g"]["wins"] == 1 and d["g"]["pairs"] == 2
+    assert d["g"]["mean_diff_mm"] == pytest.approx(-0.25) and d["g"]["se_mm"] == pytest.approx(0.75)
+    rep = {"photo_sets": {"1": {"g": {"mean_mm": 2.25, "groups": 4}}, "2": {"g": {"mean_mm": 2.0, "groups": 2}},
+                          "paired": {"2 vs 1": d}}}
+    text = format_measurements(rep)
+    assert "| g | 2.250 | 2.000 |" in text and "K = paired" not in text
+    assert "| g | -0.250 | 0.750 | 1 of 2 |" in text
+    rep["photo_sets"]["vs_best"] = {"1": {"g2": {"mean_diff_mm": -0.5, "se_mm": 0.25, "wins": 3, "pairs": 4}},
+                                     "2": {"g2": {"mean_diff_mm": 0.125, "se_mm": 0.5, "wins": 1, "pairs": 2}}}
+    text = format_measurements(rep)
+    assert "| g2 | -0.500 +- 0.250, 3/4 | +0.125 +- 0.500, 1/2 |" in text and "K = vs_best" not in text

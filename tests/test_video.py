@@ -141,6 +141,9 @@ def test_clip_run_outputs(setup, tmp_path, synthetic_flame_paths):  # noqa: F811
                                     cfg.video.smooth_sigma, log=lambda *a: None)
     np.testing.assert_allclose(z["global_pose"], pose, atol=1e-3)
     np.testing.assert_allclose(z["camera"], cam, rtol=1e-3)
+    # the clip's identity (group.select=top_mean: a mean of coefficients) is FLAME's mesh of motion.npz's shape
+    ident = flame(shape_coeffs=torch.from_numpy(z["shape"].astype(np.float64))[None]).vertices[0].numpy()
+    np.testing.assert_allclose(trimesh.load(out / "identity.ply", process=False).vertices, ident * 1000, atol=1e-3)
     assert jitter_mm(np.stack(meshes) / 1000.0) == pytest.approx(info["jitter_mm"], rel=1e-3)
     ind = _cfg(ov, "batch_size=4", "video.identity_frames=3", "video.choice=independent", "video.preview=false")
     z2 = np.load(run_video(ind, clip, tmp_path / "ind", detector=_StubDetector(), log=lambda *a: None)

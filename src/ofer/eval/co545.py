@@ -217,7 +217,8 @@ def _flame_vertices(d: dict, flame, path: Path, n: int | None = None) -> np.ndar
         raise Co545Error(f"{path}: has no 'vertices' key; pass --flame to build meshes from FLAME coefficients")
     if "shape_coeffs" not in d:
         raise Co545Error(f"{path}: needs 'vertices' or 'shape_coeffs' (+ optional exp_coeffs, jaw_pose)")
-    shape = np.asarray(d["shape_coeffs"], dtype=np.float32)
+    # a group's mean identity (group.select=top_mean) wins over the ranked hypothesis
+    shape = np.asarray(d.get("identity_shape", d["shape_coeffs"]), dtype=np.float32)
     exp = d.get("exp_coeffs")
     K = 1 if exp is None else np.atleast_2d(exp).shape[0]
     if shape.ndim == 2 and shape.shape[0] > 1:
@@ -280,8 +281,8 @@ def evaluate_co545(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, out_d
     coefficients with ``flame``) and ``visible (V,) bool`` or ``occluded (V,) bool``; optional
     ``faces``. Predictions: ``pred_dir/<image_id>.npz`` or one ``.npz`` in ``pred_dir/<image_id>/``
     with ``pred_key`` ``(K,V,3)`` (or coefficients: ``shape_coeffs`` (ranked identity, or ``(N,300)``
-    with ``ranked_index``), ``exp_coeffs (K, n_exp)``, ``jaw_pose (K, 3)``) and optional
-    ``ranked_index`` / ``selected``. ``unit``: the unit of all meshes (``m`` or ``mm``).
+    with ``ranked_index``, or ``identity_shape (300,)`` which wins), ``exp_coeffs (K, n_exp)``,
+    ``jaw_pose (K, 3)``) and optional ``ranked_index`` / ``selected``. ``unit``: the unit of all meshes (``m`` or ``mm``).
     Remaining keyword arguments go to :func:`co545_metrics`.
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)

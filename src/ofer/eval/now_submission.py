@@ -10,7 +10,8 @@ for every line ``<subject>/<challenge>/<IMG>.jpg`` of the NoW image list.
 
 Inputs: per image, an ``.npz`` from ``sample.py`` (``<samples>/<subject>/<challenge>/<IMG>/*.npz``
 or ``<samples>/<subject>/<challenge>/<IMG>.npz``) holding ``shape_coeffs``: the ranked identity
-``(n,)``/``(1, n)``, or all identity samples ``(N, n)`` together with ``ranked_index``.
+``(n,)``/``(1, n)``, or all identity samples ``(N, n)`` together with ``ranked_index`` (or
+``identity_shape``, which wins: a photo set's mean identity, ``group.select=top_mean``).
 
 CLI::
 
@@ -120,14 +121,15 @@ def find_sample_file(samples_dir: str | Path, image_line: str) -> Path | None:
 def load_shape_coeffs(path: str | Path, key: str = "shape_coeffs") -> np.ndarray:
     """The ranked identity ``(n,) float32`` from a sample file.
 
-    Accepts ``key`` of shape ``(n,)`` or ``(1, n)``, or ``(N, n)`` with an integer ``ranked_index``.
+    Accepts ``key`` of shape ``(n,)`` or ``(1, n)``, or ``(N, n)`` with an integer ``ranked_index``;
+    with the default key an ``identity_shape (n,)`` in the file wins (a group's mean identity).
     """
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             if key not in z.files:
                 raise NowError(f"{path}: no {key!r} array (keys: {', '.join(z.files) or 'none'})")
-            S = np.asarray(z[key])
+            S = np.asarray(z["identity_shape"] if key == "shape_coeffs" and "identity_shape" in z.files else z[key])
             ranked = z["ranked_index"] if "ranked_index" in z.files else None
     except (ValueError, OSError) as exc:
         raise NowError(f"cannot read {path}: {exc}") from exc

@@ -123,7 +123,9 @@ class GroupSection:
     names up to the first ``prefix_sep``) or ``list`` (``list``: a file of ``image,group``
     lines). ``per_image``: ``n_identities`` hypotheses from each image (else in total).
     ``aggregate``: how the scores under the group's images combine (``log_softmax``,
-    ``score``, ``borda``).
+    ``score``, ``borda``). ``select``: the identity is the mean shape coefficients of the
+    ``top_k`` highest aggregates (``top_mean``, the default: measured better than the single
+    best at every group size, docs/sequences.md) or the hypothesis of the highest (``best``).
     """
 
     by: Literal["none", "folder", "prefix", "list"] = "none"
@@ -131,6 +133,8 @@ class GroupSection:
     prefix_sep: str = "_"
     per_image: bool = True
     aggregate: Literal["log_softmax", "score", "borda"] = "log_softmax"
+    select: Literal["best", "top_mean"] = "top_mean"
+    top_k: int = 10
 
 
 @dataclass
@@ -239,6 +243,7 @@ class SampleConfig:
                   "must be center or largest with group.by (one face per image of a group)")
         check_key(self.group.by != "list" or bool(self.group.list), p + "group.list",
                   "must name a file of 'image,group' lines with group.by=list")
+        check_key(self.group.top_k >= 1, p + "group.top_k", f"must be >= 1, got {self.group.top_k}")
         for key in ("idgen_sampler", "expgen_sampler"):
             v = getattr(self, key)
             check_key(v is None or v in METHODS, p + key, f"must be one of {list(METHODS)}, got {v!r}")

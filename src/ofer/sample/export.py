@@ -249,7 +249,8 @@ def export_run(samples: Path, formats: Sequence[str], cfg, log=print) -> int:
     done = 0
     for npz in sorted(Path(samples).rglob("samples.npz")):
         z = np.load(npz)
-        shape = z["shape_coeffs"][int(z["ranked_index"])]
+        # a group's mean identity (group.select=top_mean) is not one of the hypotheses
+        shape = z["identity_shape"] if "identity_shape" in z else z["shape_coeffs"][int(z["ranked_index"])]
         if flame is None or flame.n_exp != z["exp_coeffs"].shape[1] or flame.n_shape != len(shape):
             flame = FLAME(resolve_path(cfg.data_root, cfg.flame.model_path), None, n_shape=len(shape),
                           n_exp=z["exp_coeffs"].shape[1]).eval()

@@ -154,7 +154,8 @@ def method_preview(res, faces: np.ndarray, crop: np.ndarray, image: Optional[np.
     clay = np.array([0.80, 0.78, 0.76])
     meshes = [res.identity_vertices]
     colors = [np.tile(clay, (res.identity_vertices.shape[0], 1))]
-    labels.append(f"ranked identity #{res.ranked_index}")
+    labels.append(f"ranked identity #{res.ranked_index}" if not res.ranked_top
+                  else f"mean of the top {len(res.ranked_top)} identities")
     id_max = exp_max = None
     if res.identity_spread is not None:
         id_max = spread_scale(res.identity_spread.numpy(), scale_mm)

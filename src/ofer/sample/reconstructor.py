@@ -70,6 +70,11 @@ class ImageResult:
     expression_mean: torch.Tensor | None = None  # (V, 3) the mean of the M expression meshes
     #: JSON-ready summary of the three spreads (mean, p95, max, per region), mm
     uncertainty: dict | None = None
+    #: a group's identity (``group.select=top_mean``): the mean shape coefficients (n_shape,) of
+    #: the hypotheses ``ranked_top`` (best first; ``ranked_index`` is the first); None: the
+    #: identity is ``shape_coeffs[ranked_index]``
+    identity_shape: torch.Tensor | None = None
+    ranked_top: list[int] | None = None
 
 
 class Reconstructor:

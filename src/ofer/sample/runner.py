@@ -71,6 +71,10 @@ def write_image_outputs(out_dir: Path, res: ImageResult, faces: np.ndarray, cfg:
     extra = {SPREADS[n][0]: v.astype(np.float32) for n, v in spreads.items()}
     if res.chosen_index is not None:
         extra.update(chosen_index=np.asarray(res.chosen_index, np.int64), top_k=np.int64(res.top_k))
+    shape = res.shape_coeffs[res.ranked_index] if res.identity_shape is None else res.identity_shape
+    if res.identity_shape is not None:  # a mean of several hypotheses (group.select=top_mean)
+        extra.update(identity_shape=res.identity_shape.numpy().astype(np.float32),
+                     ranked_top=np.asarray(res.ranked_top, np.int64))
     write_npz(out_dir / "samples.npz", shape_coeffs=res.shape_coeffs.numpy().astype(np.float32),
               scores=res.scores.numpy(), ranked_index=np.int64(res.ranked_index),
               exp_coeffs=res.exp_coeffs.numpy().astype(np.float32), jaw_pose=res.jaw_pose.numpy().astype(np.float32),
@@ -89,7 +93,7 @@ def write_image_outputs(out_dir: Path, res: ImageResult, faces: np.ndarray, cfg:
         meta["uncertainty"] = unc
     if cfg.export:
         meta["exports"] = [f"export/{f}" for f in export_image(
-            out_dir / "export", cfg.export, shape_coeffs=res.shape_coeffs[res.ranked_index].numpy(),
+            out_dir / "export", cfg.export, shape_coeffs=shape.numpy(),
             exp_coeffs=res.exp_coeffs.numpy(), jaw_pose=res.jaw_pose.numpy(), chosen_index=res.chosen_index or [],
             identity_vertices=res.identity_vertices, chosen_vertices=res.chosen_vertices, faces=faces)]
     if cfg.preview and crop is not None:

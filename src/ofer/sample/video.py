@@ -301,9 +301,10 @@ def reconstruct_clip(rec, frames: list[np.ndarray], kps: np.ndarray, cfg: Sample
     conds = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     sel = torch.as_tensor(rows, device=conds["idgen"].device)
     gr = reconstruct_group(rec, arc[rows], farl[rows], [idx[r] for r in rows], per_image=cfg.group.per_image,
-                           rule=cfg.group.aggregate, expressions=False, timer=timer,
+                           rule=cfg.group.aggregate, select=cfg.group.select, top_k=cfg.group.top_k,
+                           expressions=False, timer=timer,
                            conds={k: v[sel] for k, v in conds.items()})
-    shape = gr.shape_coeffs[gr.chosen]
+    shape = gr.identity_shape
     exps, jaws, verts = [], [], []
     for b in range(0, F, cfg.batch_size):
         s = slice(b, b + cfg.batch_size)
@@ -323,7 +324,7 @@ def reconstruct_clip(rec, frames: list[np.ndarray], kps: np.ndarray, cfg: Sample
         chosen_verts = torch.stack([verts[t][path[t]] for t in range(F)])
     return {"shape": shape.numpy(), "exp": exp_f.numpy(), "jaw": jaw_f.numpy(), "path": path,
             "data_cost": data, "exp_all": exp_c.numpy(), "jaw_all": jaw.numpy(), "identity_frames": np.asarray(rows),
-            "identity_scores": gr.scores.numpy(), "identity_chosen": gr.chosen,
+            "identity_scores": gr.scores.numpy(), "identity_chosen": gr.chosen.numpy(),
             "vertices": chosen_verts, "identity_vertices": gr.identity_vertices, "crops": [f.farl_crop for f in faces],
             "shape_t": shape, "hypothesis_vertices": verts if keep_hypotheses else None}
 

@@ -36,7 +36,7 @@ from .build import kps_text, load_world_flame, load_world_masks, png_bytes, item
 from .prior import HeadPrior
 from .scene import FaceRenderer, SceneConfig
 
-__all__ = ["SequenceConfig", "build_sequences", "measure_photo_sets", "measure_clips", "main"]
+__all__ = ["SequenceConfig", "build_sequences", "measure_photo_sets", "paired_halves", "measure_clips", "main"]
 
 _S_SET, _S_CLIP = 11, 12
 
@@ -161,47 +161,100 @@ def _faces_of(folder: Path, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(arc), torch.stack(farl)
 
 
-def measure_photo_sets(rec, seq_dir: str | Path, world: str | Path, ks: Sequence[int] = (1, 2, 4, 8)) -> dict:
-    """Identity error (mm, face region, neutral) of the group identity (each aggregate rule),
-    the per-image ranked identities (mean over the group's images) and the mean shape, for
-    groups of K images (every disjoint run of K images of each set)."""
+def measure_photo_sets(rec, seq_dir: str | Path, world: str | Path, ks: Sequence[int] = (1, 2, 4, 8),
+                       top_ks: Sequence[int] = (5, 10, 25, 50)) -> dict:
+    """Identity error (mm, face region, neutral) of the group identity for groups of K images
+    (every disjoint run of K images of each set): each aggregate rule with ``select=best``,
+    ``top_mean`` (log_softmax) for each of ``top_ks``, both selections with N hypotheses in
+    total (``per_image=False``), against the per-image ranked identities (mean over the
+    group's images), the mean shape, the average and the best (oracle) pooled hypothesis.
+
+    ``{"K": {row: {"mean_mm", "groups"}}}``, and under ``"paired"`` each K that is twice a
+    measured one compared per identity with its halves (:func:`paired_halves`).
+    """
     from ..flame.assets import safe_load_pickle
-    from ..sample.groups import AGGREGATES, aggregate_scores, reconstruct_group
+    from ..sample.groups import AGGREGATES, aggregate_scores, reconstruct_group, select_identity
     from ..sample.reconstructor import image_seed_index
 
     seq_dir, world = Path(seq_dir), Path(world)
     face = np.asarray(safe_load_pickle(world / "flame" / "FLAME_masks.pkl")["face"])
     template = rec.flame_id.v_template.detach().cpu().numpy()
+    # rows[K][name]: one error per group, sets in order, a set's groups in image order
     rows: dict[int, dict[str, list[float]]] = {k: {} for k in ks}
+
+    def top_mean_error(gr, errs_v: np.ndarray, k: int, gt: np.ndarray) -> float:
+        # the mean coefficients' mesh is the mean of the meshes (FLAME's neutral mesh is affine in them)
+        _, idx = select_identity(gr.shape_coeffs, aggregate_scores(gr.scores), "top_mean", k)
+        return float(_face_error(errs_v[idx.numpy()].mean(0)[None], gt, face)[0])
+
     for gt_path in sorted((seq_dir / "photosets" / "gt").glob("*.npz")):
         gt = np.load(gt_path)["vertices_neutral"].astype(np.float64)
         folder = seq_dir / "photosets" / gt_path.stem
         arc, farl = _faces_of(folder, rec.cfg)
         idx = [image_seed_index(f"{gt_path.stem}/{k}") for k in range(len(arc))]
-        alone = []
-        for i in range(len(arc)):
-            g1 = reconstruct_group(rec, arc[i:i + 1], farl[i:i + 1], idx[i:i + 1], expressions=False)
-            alone.append(_face_error(g1.identity_vertices.numpy()[None], gt, face)[0])
+        # one image alone, ranked as sample.py ranks a single image: also the groups of K = 1
+        singles = [reconstruct_group(rec, arc[i:i + 1], farl[i:i + 1], idx[i:i + 1], select="best",
+                                     expressions=False, keep_hypotheses=True) for i in range(len(arc))]
+        alone = [float(_face_error(g.identity_vertices.numpy()[None], gt, face)[0]) for g in singles]
         for K in ks:
             for s in range(0, len(arc) - K + 1, K):
                 sl = slice(s, s + K)
-                gr = reconstruct_group(rec, arc[sl], farl[sl], idx[sl], expressions=False, keep_hypotheses=True)
-                errs = _face_error(gr.hypothesis_vertices.numpy(), gt, face)
+                gr = singles[s] if K == 1 else reconstruct_group(rec, arc[sl], farl[sl], idx[sl], expressions=False,
+                                                                 keep_hypotheses=True)
+                hv = gr.hypothesis_vertices.numpy().astype(np.float64)
+                errs = _face_error(hv, gt, face)
                 r = rows[K]
                 for rule in AGGREGATES:
                     r.setdefault(f"group ({rule})", []).append(float(errs[int(aggregate_scores(gr.scores, rule).argmax())]))
-                if K > 1:  # the alternative: N hypotheses in total, shared out over the K images
-                    g2 = reconstruct_group(rec, arc[sl], farl[sl], idx[sl], per_image=False, expressions=False)
-                    r.setdefault("group, N in total (log_softmax)", []).append(
-                        float(_face_error(g2.identity_vertices.numpy()[None], gt, face)[0]))
-                else:
-                    r.setdefault("group, N in total (log_softmax)", []).append(float(alone[s]))
+                for k in top_ks:
+                    r.setdefault(f"group, top_mean {k} (log_softmax)", []).append(top_mean_error(gr, hv, k, gt))
+                # the alternative: N hypotheses in total, shared out over the K images
+                g2 = gr if K == 1 else reconstruct_group(rec, arc[sl], farl[sl], idx[sl], per_image=False,
+                                                         expressions=False, keep_hypotheses=True)
+                h2 = g2.hypothesis_vertices.numpy().astype(np.float64)
+                e2 = _face_error(h2, gt, face)
+                r.setdefault("group, N in total (log_softmax)", []).append(float(e2[int(aggregate_scores(g2.scores).argmax())]))
+                k_mid = 10 if 10 in top_ks else top_ks[0]
+                r.setdefault(f"group, N in total, top_mean {k_mid} (log_softmax)", []).append(
+                    top_mean_error(g2, h2, k_mid, gt))
                 r.setdefault("per-image ranked", []).append(float(np.mean(alone[sl])))
                 r.setdefault("average pooled hypothesis", []).append(float(errs.mean()))
                 r.setdefault("mean shape", []).append(float(_face_error(template[None], gt, face)[0]))
                 r.setdefault("best pooled hypothesis (oracle)", []).append(float(errs.min()))
-    return {str(K): {name: {"mean_mm": float(np.mean(v)), "groups": len(v)} for name, v in r.items()}
-            for K, r in rows.items()}
+    out: dict[str, Any] = {str(K): {name: {"mean_mm": float(np.mean(v)), "groups": len(v),
+                                           "errors_mm": [round(x, 4) for x in v]} for name, v in r.items()}
+                           for K, r in rows.items()}
+    # the rows that differ between a group and its halves (the others are the same by construction)
+    sel = [n for n in rows[ks[0]] if n.startswith("group") or "oracle" in n]
+    out["paired"] = {f"{K} vs {K // 2}": paired_halves({n: rows[K][n] for n in sel}, rows[K // 2])
+                     for K in ks if K % 2 == 0 and K // 2 in rows and rows[K]}
+    # every other rule minus the default one on the same groups
+    ref = "group (log_softmax)"
+    out["vs_best"] = {str(K): {n: _paired_stats(np.subtract(rows[K][n], rows[K][ref]))
+                               for n in sel if n.startswith("group") and n != ref} for K in ks}
+    return out
+
+
+def _paired_stats(d: np.ndarray) -> dict:
+    """Paired differences (mm) -> their mean, its standard error, and how many are negative."""
+    d = np.asarray(d, np.float64)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else math.nan
+    return {"mean_diff_mm": float(d.mean()), "se_mm": se, "wins": int((d < 0).sum()), "pairs": len(d)}
+
+
+def paired_halves(big: dict[str, list[float]], half: dict[str, list[float]]) -> dict:
+    """Each group of 2K images against the mean of its two groups of K (the same images):
+    per row, the mean difference (mm, negative: the larger group is better), its standard
+    error, and how many of the pairs the larger group wins. ``big`` and ``half``: one error
+    per group in the order :func:`measure_photo_sets` visits them (the halves of big group
+    ``j`` are half groups ``2j`` and ``2j + 1`` when every set has a multiple of 2K images)."""
+    res = {}
+    for name, v in big.items():
+        h = np.asarray(half[name], np.float64)
+        if len(h) != 2 * len(v):
+            continue
+        res[name] = _paired_stats(np.asarray(v, np.float64) - h.reshape(-1, 2).mean(1))
+    return res
 
 
 def measure_clips(rec, seq_dir: str | Path, world: str | Path, kps_noise_px: float = 1.5,
@@ -282,7 +335,7 @@ def format_measurements(rep: dict) -> str:
     """Markdown tables of :func:`measure_photo_sets` and :func:`measure_clips`."""
     lines = []
     if "photo_sets" in rep:
-        ps = rep["photo_sets"]
+        ps = {k: v for k, v in rep["photo_sets"].items() if k not in ("paired", "vs_best")}
         ks = list(ps)
         names = list(ps[ks[0]])
         lines += ["| identity error (mm) | " + " | ".join(f"K = {k}" for k in ks) + " |",
@@ -292,6 +345,23 @@ def format_measurements(rep: dict) -> str:
         lines.append("")
         lines.append("groups per K: " + ", ".join(f"{k}: {ps[k][names[0]]['groups']}" for k in ks))
         lines.append("")
+        for pair, d in rep["photo_sets"].get("paired", {}).items():
+            k2, k1 = pair.split(" vs ")
+            lines += [f"| K = {k2} minus the mean of its two K = {k1} groups | mean (mm) | std. error (mm) | "
+                      f"K = {k2} better |", "|---|---|---|---|"]
+            for n, v in d.items():
+                lines.append(f"| {n} | {v['mean_diff_mm']:+.3f} | {v['se_mm']:.3f} | {v['wins']} of {v['pairs']} |")
+            lines.append("")
+        vs = rep["photo_sets"].get("vs_best", {})
+        if vs and any(vs.values()):
+            kv = list(vs)
+            lines += ["| minus group (log_softmax), same groups: mean (mm) +- std. error, wins | "
+                      + " | ".join(f"K = {k}" for k in kv) + " |", "|---|" + "---|" * len(kv)]
+            for n in vs[kv[0]]:
+                lines.append(f"| {n} | " + " | ".join(
+                    f"{vs[k][n]['mean_diff_mm']:+.3f} +- {vs[k][n]['se_mm']:.3f}, {vs[k][n]['wins']}/{vs[k][n]['pairs']}"
+                    for k in kv) + " |")
+            lines.append("")
     if "clips" in rep:
         cl = rep["clips"]
         lines += ["| per-frame expression | error (mm) | error, occluded frames (mm) | jitter (mm/frame^2) |",
@@ -326,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("--config", required=True, help="sampling config (YAML) naming the models")
     m.add_argument("--output", default=None, help="write the measurements here (.json; .md beside)")
     m.add_argument("--ks", default="1,2,4,8")
+    m.add_argument("--top-ks", default="5,10,25,50", help="group.top_k values measured with top_mean")
+    m.add_argument("--no-clips", action="store_true", help="measure the photo sets only")
     m.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     try:
@@ -341,8 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rep: dict[str, Any] = {"config": {"n_identities": scfg.n_identities, "n_expressions": scfg.n_expressions,
                                           "seed": scfg.seed, "video": scfg.video.__dict__}}
         rep["photo_sets"] = measure_photo_sets(rec, args.sequences, args.world,
-                                               [int(k) for k in args.ks.split(",")])
-        rep["clips"] = measure_clips(rec, args.sequences, args.world)
+                                               [int(k) for k in args.ks.split(",")],
+                                               [int(k) for k in args.top_ks.split(",")])
+        if not args.no_clips:
+            rep["clips"] = measure_clips(rec, args.sequences, args.world)
         text = format_measurements(rep)
         print(text)
         if args.output:
