@@ -124,6 +124,8 @@ def test_sample_file_errors(tmp_path, samples):
     with pytest.raises(NowError, match="no 'shape_coeffs' array"):
         load_shape_coeffs(f)
     assert load_shape_coeffs(f, key="betas").shape == (300,)
+    np.savez(f, identity_shape=np.full(300, 0.5))  # a photo set's mean identity alone
+    assert np.all(load_shape_coeffs(f) == 0.5)
     with pytest.raises(NowError, match="none of the 3 images"):
         write_submission(tmp_path / "empty", lst, tmp_path / "o", LinearFlame())
     with pytest.raises(NowError, match="landmarks must have shape"):

@@ -183,3 +183,22 @@ def test_temp_file_being_written_by_this_process_is_kept(tmp_path):
     assert seen["removed"] == [] and len(seen["temps"]) == 1 and seen["temps"][0].startswith(".a.ply.")
     assert (tmp_path / "a.ply").read_bytes() == b"payload"
     assert [p.name for p in tmp_path.iterdir()] == ["a.ply"]
+
+
+def test_identity_coefficients_of_a_sample_file(tmp_path):
+    from ofer.io import identity_coefficients
+
+    H = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.savez(tmp_path / "s.npz", shape_coeffs=H, ranked_index=np.int64(2))
+    with np.load(tmp_path / "s.npz") as z:
+        assert np.array_equal(identity_coefficients(z), H[2])
+    mean = H[[2, 0]].mean(0)  # a photo set's mean identity wins over the ranked hypothesis
+    assert np.array_equal(identity_coefficients({"shape_coeffs": H, "ranked_index": 2, "identity_shape": mean}), mean)
+    assert np.array_equal(identity_coefficients({"identity_shape": mean}), mean)
+    assert np.array_equal(identity_coefficients({"shape_coeffs": H[1:2]}), H[1])
+    for bad, match in (({"shape_coeffs": H}, "no 'ranked_index'"),
+                       ({"shape_coeffs": H, "ranked_index": 4}, "outside the 4"),
+                       ({"shape_coeffs": H * np.nan, "ranked_index": 0}, "finite"),
+                       ({"exp_coeffs": H}, "no 'shape_coeffs' array")):
+        with pytest.raises(ValueError, match=match):
+            identity_coefficients(bad)

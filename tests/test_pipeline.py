@@ -356,3 +356,20 @@ def test_builtin_detector_every_face_and_result_json(setup, tmp_path):
     sc = run(_cfg(ov, "preview=false", "detector.mode=none"), setup[1] / "a.png", tmp_path / "sc", reconstructor=rec,
              log=lambda *a: None)
     assert sc["ok"] == 1 and json.loads((tmp_path / "sc" / "a" / "result.json").read_text())["detector"] is None
+
+
+def test_faithful_config_and_qkv_key_with_our_checkpoints(setup):
+    """Our checkpoints keep their q/k/v projections: the faithful config (qkv null: the preset's
+    replay applies to official files only) loads them; asking them for a replay names the key."""
+    from ofer.errors import CheckpointError
+
+    _, _, ov = setup
+    faithful = load_config(SampleConfig, ROOT / "configs" / "sample_faithful.yaml",
+                           [o for o in ov if not o.startswith(("idgen_steps", "expgen_steps"))])
+    assert faithful.official_qkv == "released" and faithful.qkv is None
+    rec = Reconstructor.from_config(faithful, torch.device("cpu"))
+    lines = rec.model_lines()
+    assert sorted(ln.split(":")[0] for ln in lines) == ["expgen", "idgen", "idrank"]
+    assert all("exported checkpoint" in ln and "q/k/v" not in ln for ln in lines)
+    with pytest.raises(CheckpointError, match=r"^config key 'qkv': .*keeps its own projections"):
+        Reconstructor.from_config(_cfg(ov, "qkv=released"), torch.device("cpu"))

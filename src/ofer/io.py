@@ -37,6 +37,7 @@ __all__ = [
     "write_glb",
     "write_landmarks",
     "write_npz",
+    "identity_coefficients",
     "write_json",
     "write_text",
     "remove_stale_temps",
@@ -386,6 +387,36 @@ def write_landmarks(path: str | os.PathLike, landmarks, unit: Unit = "mm", *, so
     if path.suffix == ".txt":
         return write_text(path, "".join(f"{x:.6f} {y:.6f} {z:.6f}\n" for x, y, z in lm))
     raise ValueError(f"landmark files must end in .npy or .txt, got {path.name!r}")
+
+
+def identity_coefficients(arrays: Any, key: str = "shape_coeffs") -> np.ndarray:
+    """The identity a sample file records, ``(n,)``: ``identity_shape`` when present (a photo
+    set's mean identity, which is none of the hypotheses), else ``arrays[key]``: an ``(n,)`` or
+    ``(1, n)`` vector as it is, or the ``ranked_index`` row of ``(N, n)`` hypotheses.
+
+    ``arrays``: an opened ``.npz`` or a dict of arrays.
+
+    Raises:
+        ValueError: neither array, several hypotheses without a valid ``ranked_index``, or an
+            identity that is not a finite vector (the message names the array).
+    """
+    names = list(arrays.files) if hasattr(arrays, "files") else list(arrays)
+    what = "identity_shape" if "identity_shape" in names and key == "shape_coeffs" else key
+    if what not in names:
+        raise ValueError(f"no {key!r} array (keys: {', '.join(names) or 'none'})")
+    S = np.asarray(arrays[what])
+    if S.ndim == 2 and S.shape[0] == 1:
+        S = S[0]
+    if S.ndim == 2:
+        if "ranked_index" not in names:
+            raise ValueError(f"{what!r} holds {S.shape[0]} identity samples but no 'ranked_index' to pick one")
+        i = int(np.asarray(arrays["ranked_index"]).reshape(-1)[0])
+        if not 0 <= i < S.shape[0]:
+            raise ValueError(f"'ranked_index' {i} is outside the {S.shape[0]} identity samples of {what!r}")
+        S = S[i]
+    if S.ndim != 1 or not np.all(np.isfinite(S)):
+        raise ValueError(f"{what!r} must be a finite (n,) vector, got shape {S.shape}")
+    return S
 
 
 def write_npz(path: str | os.PathLike, **arrays) -> Path:

@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import OferError
 from .geometry import MeshDistance, read_mesh, umeyama
 from ..flame import FLAME
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, identity_coefficients
 
 __all__ = ["Co545Error", "co545_metrics", "aggregate", "evaluate_co545", "main", "METRIC_KEYS"]
 
@@ -215,15 +215,15 @@ def _flame_vertices(d: dict, flame, path: Path, n: int | None = None) -> np.ndar
 
     if flame is None:
         raise Co545Error(f"{path}: has no 'vertices' key; pass --flame to build meshes from FLAME coefficients")
-    if "shape_coeffs" not in d:
-        raise Co545Error(f"{path}: needs 'vertices' or 'shape_coeffs' (+ optional exp_coeffs, jaw_pose)")
-    # a group's mean identity (group.select=top_mean) wins over the ranked hypothesis
-    shape = np.asarray(d.get("identity_shape", d["shape_coeffs"]), dtype=np.float32)
+    if "shape_coeffs" not in d and "identity_shape" not in d:
+        raise Co545Error(f"{path}: needs 'vertices', 'shape_coeffs' or 'identity_shape' (+ optional "
+                         "exp_coeffs, jaw_pose)")
+    try:  # a group's mean identity (group.select=top_mean) wins over the ranked hypothesis
+        shape = identity_coefficients(d).astype(np.float32)
+    except ValueError as exc:
+        raise Co545Error(f"{path}: {exc}") from exc
     exp = d.get("exp_coeffs")
     K = 1 if exp is None else np.atleast_2d(exp).shape[0]
-    if shape.ndim == 2 and shape.shape[0] > 1:
-        idx = int(np.asarray(d.get("ranked_index", 0)))
-        shape = shape[idx]
     shape = np.broadcast_to(shape.reshape(1, -1), (K, shape.reshape(-1).shape[0]))
     kw = {"shape_coeffs": torch.from_numpy(np.ascontiguousarray(shape))}
     if exp is not None:
@@ -281,7 +281,7 @@ def evaluate_co545(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, out_d
     coefficients with ``flame``) and ``visible (V,) bool`` or ``occluded (V,) bool``; optional
     ``faces``. Predictions: ``pred_dir/<image_id>.npz`` or one ``.npz`` in ``pred_dir/<image_id>/``
     with ``pred_key`` ``(K,V,3)`` (or coefficients: ``shape_coeffs`` (ranked identity, or ``(N,300)``
-    with ``ranked_index``, or ``identity_shape (300,)`` which wins), ``exp_coeffs (K, n_exp)``,
+    with ``ranked_index``, or ``identity_shape (n_shape,)`` which wins), ``exp_coeffs (K, n_exp)``,
     ``jaw_pose (K, 3)``) and optional ``ranked_index`` / ``selected``. ``unit``: the unit of all meshes (``m`` or ``mm``).
     Remaining keyword arguments go to :func:`co545_metrics`.
     """

@@ -23,7 +23,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import OferError
-from ..io import write_landmarks, write_mesh
+from ..io import identity_coefficients, write_landmarks, write_mesh
 from .now import NowError, parse_image_list
 from ..flame import FLAME
 
@@ -127,21 +126,11 @@ def load_shape_coeffs(path: str | Path, key: str = "shape_coeffs") -> np.ndarray
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
-            if key not in z.files:
-                raise NowError(f"{path}: no {key!r} array (keys: {', '.join(z.files) or 'none'})")
-            S = np.asarray(z["identity_shape"] if key == "shape_coeffs" and "identity_shape" in z.files else z[key])
-            ranked = z["ranked_index"] if "ranked_index" in z.files else None
-    except (ValueError, OSError) as exc:
+            return identity_coefficients(z, key).astype(np.float32)
+    except ValueError as exc:  # a missing or malformed array, or not an npz
+        raise NowError(f"{path}: {exc}") from exc
+    except OSError as exc:
         raise NowError(f"cannot read {path}: {exc}") from exc
-    if S.ndim == 2 and S.shape[0] == 1:
-        S = S[0]
-    if S.ndim == 2:
-        if ranked is None:
-            raise NowError(f"{path}: {key!r} holds {S.shape[0]} identity samples but no 'ranked_index' to pick one")
-        S = S[int(np.asarray(ranked).reshape(-1)[0])]
-    if S.ndim != 1 or not np.all(np.isfinite(S)):
-        raise NowError(f"{path}: {key!r} must be a finite (n,) vector, got shape {S.shape}")
-    return S.astype(np.float32)
 
 
 def write_submission(samples_dir: str | Path, image_list: str | Path, out_dir: str | Path, flame: Any,

@@ -224,6 +224,12 @@ def load_trained_model(source: str | Path | dict, kind: str, use_ema: bool = Tru
     return model.eval(), cfg
 
 
+def _qkv_error(message: str) -> CheckpointError:
+    err = CheckpointError(message)
+    err.qkv_choice = True  # type: ignore[attr-defined]  # the qkv argument is at fault, not the file
+    return err
+
+
 def load_model(path: str | Path, kind: Optional[str] = None, *, vertex_indices: Any = None,
                use_ema: bool = True, map_location: Any = "cpu", qkv: Optional[str] = None,
                qkv_default: str = "training", **official_options: Any) -> ConditionedModel:
@@ -256,12 +262,12 @@ def load_model(path: str | Path, kind: Optional[str] = None, *, vertex_indices: 
     spec = SPECS[kind]
     if fmt == "official" and spec.generative:
         if qkv == "stored":
-            raise CheckpointError(f"{path}: an official file stores no q/k/v projections (qkv: "
-                                  "stored); choose a replay: released or training")
+            raise _qkv_error(f"{path}: an official file stores no q/k/v projections (qkv: stored); "
+                             "choose a replay: released or training")
         official_options["qkv"] = qkv or qkv_default
     elif qkv not in (None, "stored") and spec.generative:
-        raise CheckpointError(f"{path}: qkv={qkv!r} replays the original code's draw for official "
-                              "files; this checkpoint of ours keeps its own projections (qkv: stored)")
+        raise _qkv_error(f"{path}: qkv={qkv!r} replays the original code's draw for official files; "
+                         "this checkpoint of ours keeps its own projections (qkv: stored or null)")
     if fmt == "training":
         model, _ = load_trained_model(ckpt, kind, use_ema, path=path)
         return model

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from ..nets.unet1d import TIME_EMB_DIM, Denoiser
+from ..nets.unet1d import TIME_EMB_DIM
 from .checkpoint import read_checkpoint, require_finite
 from .qkv_replay import QKV_REPLAYS, replay_description, replay_qkv
 from .spec import ARCFACE_DIM, KINDS, SPECS

@@ -30,7 +30,6 @@ with these replays (tests/test_qkv_replay.py holds the digests).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch

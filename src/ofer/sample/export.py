@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..io import write_glb, write_json, write_mesh, write_npz, write_text
+from ..io import identity_coefficients, write_glb, write_json, write_mesh, write_npz, write_text
 from ..uncertainty import COLORMAP, colorize
 
 __all__ = ["flame_params", "write_flame_params", "write_blender", "write_hypotheses_glb",
@@ -249,8 +249,7 @@ def export_run(samples: Path, formats: Sequence[str], cfg, log=print) -> int:
     done = 0
     for npz in sorted(Path(samples).rglob("samples.npz")):
         z = np.load(npz)
-        # a group's mean identity (group.select=top_mean) is not one of the hypotheses
-        shape = z["identity_shape"] if "identity_shape" in z else z["shape_coeffs"][int(z["ranked_index"])]
+        shape = identity_coefficients(z)  # a group's mean identity, or the ranked hypothesis
         if flame is None or flame.n_exp != z["exp_coeffs"].shape[1] or flame.n_shape != len(shape):
             flame = FLAME(resolve_path(cfg.data_root, cfg.flame.model_path), None, n_shape=len(shape),
                           n_exp=z["exp_coeffs"].shape[1]).eval()

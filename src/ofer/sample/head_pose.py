@@ -71,9 +71,7 @@ def _skew(w: np.ndarray) -> np.ndarray:
 
 def rotation_angle(R1: np.ndarray, R2: np.ndarray) -> float:
     """Geodesic angle (radians) between two rotations."""
-    D = np.asarray(R1, np.float64).T @ np.asarray(R2, np.float64)
-    sin = np.linalg.norm([D[2, 1] - D[1, 2], D[0, 2] - D[2, 0], D[1, 0] - D[0, 1]]) / 2.0
-    return float(math.atan2(sin, (np.trace(D) - 1.0) / 2.0))
+    return float((Rotation.from_matrix(R1).inv() * Rotation.from_matrix(R2)).magnitude())
 
 
 def _orthonormal_rows(M: np.ndarray) -> tuple[np.ndarray, float]:

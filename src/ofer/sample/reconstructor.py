@@ -150,7 +150,8 @@ class Reconstructor:
                 models[kind] = load_model(resolve_path(root, getattr(ck, kind)), kind, vertex_indices=vidx,
                                           qkv=cfg.qkv, qkv_default=cfg.official_qkv)
             except CheckpointError as exc:
-                raise CheckpointError(f"config key 'checkpoints.{kind}': {exc}") from exc
+                key = "qkv" if getattr(exc, "qkv_choice", False) else f"checkpoints.{kind}"
+                raise CheckpointError(f"config key '{key}': {exc}") from exc
             except AssetError as exc:
                 raise AssetError(f"config key 'checkpoints.ranker_vertex_indices': {exc}") from exc
         idgen, expgen, idrank = models["idgen"], models["expgen"], models["idrank"]

@@ -195,17 +195,21 @@ def clip_global_pose(flame: Any, vertices: torch.Tensor, kps: np.ndarray, sigma:
     from ..data.align import kps_from_landmarks68
     from .head_pose import estimate_clip_pose
 
-    p = next(iter(flame.buffers()))
-    lmk = flame.landmarks68_of(vertices.to(p.device, p.dtype)) if getattr(flame, "has_landmarks", False) else None
+    template = flame.v_template
+    lmk = (flame.landmarks68_of(vertices.to(template.device, template.dtype))
+           if getattr(flame, "has_landmarks", False) else None)
+    inplane = in_plane_pose(kps)
     if lmk is None:
         log("no landmark embedding: global_pose holds the in-plane rotation only")
-        return in_plane_pose(kps), None, "in-plane"
+        return inplane, None, "in-plane"
     model = kps_from_landmarks68(lmk.double().cpu().numpy())
-    inplane = in_plane_pose(kps)
+    if not np.isfinite(model).all():
+        log("the meshes hold NaN or inf: global_pose holds the in-plane rotation only")
+        return inplane, None, "in-plane"
     try:
         pose, cam, failed = estimate_clip_pose(model, kps, sigma, smooth_keypoints, starts=inplane)
-    except OferError as exc:
-        log(f"{exc}: global_pose holds the in-plane rotation only")
+    except (OferError, np.linalg.LinAlgError) as exc:
+        log(f"pose fit failed ({exc}): global_pose holds the in-plane rotation only")
         return inplane, None, "in-plane"
     if failed.any():
         log(f"pose fit: degenerate keypoints in {int(failed.sum())} frame(s): their neighbours' pose used")
@@ -420,7 +424,8 @@ def run_video(cfg: SampleConfig, input_path: str | Path, output: str | Path, rec
               **({} if camera is None else {"camera": camera.astype(np.float32)}),
               kps=kps.astype(np.float32), filled=filled, chosen=res["path"].astype(np.int64), fps=np.float64(fps),
               data_cost=res["data_cost"].astype(np.float32), identity_frames=res["identity_frames"],
-              identity_scores=res["identity_scores"], seed=np.int64(cfg.seed))
+              identity_scores=res["identity_scores"], identity_chosen=res["identity_chosen"],
+              seed=np.int64(cfg.seed))
     if cfg.video.meshes:
         for t, v in enumerate(res["vertices"]):
             write_mesh(output / "frames" / f"frame_{t:06d}.{ext}", v, faces, unit="mm")
@@ -430,6 +435,7 @@ def run_video(cfg: SampleConfig, input_path: str | Path, output: str | Path, rec
     wall = time.perf_counter() - t_start
     info = {"input": str(input_path), "status": "ok", "frames": len(frames), "fps": fps,
             "filled_frames": [names[t] for t in np.flatnonzero(filled)], "choice": cfg.video.choice,
+            "identity_select": cfg.group.select, "identity_top_k": cfg.group.top_k,
             "data_weight": cfg.video.data_weight, "smooth_weight": cfg.video.smooth_weight, "global_pose": pose_method,
             "identity_frames": [names[t] for t in res["identity_frames"]],
             "jitter_mm": jitter_mm(res["vertices"]), "wall_seconds": wall,

@@ -23,9 +23,7 @@ from .prior import N_SHAPE, check_range
 
 __all__ = ["SceneConfig", "FaceSample", "FaceRenderer"]
 
-#: iBUG-68 index groups painted on the albedo and used for the mouth's occlusion
-_LEFT_EYE = list(range(36, 42))  # appears on the image left in a frontal view
-_RIGHT_EYE = list(range(42, 48))
+#: iBUG-68 mouth landmarks (the mouth's occlusion)
 _MOUTH = list(range(48, 68))
 
 
@@ -147,7 +145,7 @@ class FaceRenderer:
         eye_w = np.linalg.norm(lm[39, :2] - lm[36, :2])
         self.w_lips = near(np.concatenate([lm[48:60], (lm[48:60] + lm[[51, 57]].mean(0)) / 2]), 0.12 * eye_w * 2)
         self.w_brows = near(lm[17:27], 0.18 * eye_w)
-        eyes = np.stack([lm[_LEFT_EYE].mean(0), lm[_RIGHT_EYE].mean(0)])
+        eyes = kps_from_landmarks68(lm)[:2]  # image-left, image-right eye
         self.w_eyes = near(eyes, 0.3 * eye_w)
         self.w_pupil = near(eyes, 0.12 * eye_w)
         hair = np.zeros(len(v))

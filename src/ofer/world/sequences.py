@@ -187,7 +187,15 @@ def measure_photo_sets(rec, seq_dir: str | Path, world: str | Path, ks: Sequence
         _, idx = select_identity(gr.shape_coeffs, aggregate_scores(gr.scores), "top_mean", k)
         return float(_face_error(errs_v[idx.numpy()].mean(0)[None], gt, face)[0])
 
-    for gt_path in sorted((seq_dir / "photosets" / "gt").glob("*.npz")):
+    gts = sorted((seq_dir / "photosets" / "gt").glob("*.npz"))
+    if not gts:  # a sequence world of clips only
+        return {}
+    size = min(len(list((seq_dir / "photosets" / g.stem).glob("*.png"))) for g in gts)
+    bad = [k for k in list(ks) + list(top_ks) if k < 1] + [k for k in ks if k > size]
+    if bad or not ks or not top_ks:
+        raise OferError(f"group sizes (ks) must be in [1, {size}] (the smallest photo set) and top_ks >= 1, "
+                        f"both non-empty; got ks={list(ks)}, top_ks={list(top_ks)}")
+    for gt_path in gts:
         gt = np.load(gt_path)["vertices_neutral"].astype(np.float64)
         folder = seq_dir / "photosets" / gt_path.stem
         arc, farl = _faces_of(folder, rec.cfg)
@@ -334,7 +342,7 @@ def measure_clips(rec, seq_dir: str | Path, world: str | Path, kps_noise_px: flo
 def format_measurements(rep: dict) -> str:
     """Markdown tables of :func:`measure_photo_sets` and :func:`measure_clips`."""
     lines = []
-    if "photo_sets" in rep:
+    if rep.get("photo_sets"):
         ps = {k: v for k, v in rep["photo_sets"].items() if k not in ("paired", "vs_best")}
         ks = list(ps)
         names = list(ps[ks[0]])
@@ -381,6 +389,13 @@ def format_measurements(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise OferError(f"{option} must be comma-separated integers, got {text!r}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``build`` the sequences of a world, or ``measure`` a sampling config's models on them."""
     ap = argparse.ArgumentParser(prog="python -m ofer.world.sequences", description=__doc__.splitlines()[0])
@@ -412,9 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rec = Reconstructor.from_config(scfg)
         rep: dict[str, Any] = {"config": {"n_identities": scfg.n_identities, "n_expressions": scfg.n_expressions,
                                           "seed": scfg.seed, "video": scfg.video.__dict__}}
-        rep["photo_sets"] = measure_photo_sets(rec, args.sequences, args.world,
-                                               [int(k) for k in args.ks.split(",")],
-                                               [int(k) for k in args.top_ks.split(",")])
+        rep["photo_sets"] = measure_photo_sets(rec, args.sequences, args.world, _int_list(args.ks, "--ks"),
+                                               _int_list(args.top_ks, "--top-ks"))
         if not args.no_clips:
             rep["clips"] = measure_clips(rec, args.sequences, args.world)
         text = format_measurements(rep)
