@@ -314,8 +314,6 @@ def import_official(source: str | Path | dict[str, Any], kind: str, *, qkv: str 
         report.qkv_source = "supplied by the caller"
         proj = qkv_weights
     else:
-        if qkv not in QKV_REPLAYS:
-            raise CheckpointError(f"unknown q/k/v replay {qkv!r}; expected one of {QKV_REPLAYS}")
         try:
             proj = replay_qkv(arch, qkv, qkv_seed, kind=kind)
         except ValueError as exc:

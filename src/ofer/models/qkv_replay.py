@@ -30,7 +30,7 @@ with these replays (tests/test_qkv_replay.py holds the digests).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -187,19 +187,21 @@ def replay_qkv(arch: dict[str, Any], replay: str = "training", seed: int | None 
         return _unet(d, arch)
     kind = kind or ("expgen" if _uses_farl(arch) else "idgen")
     want = RELEASED_ARCHITECTURES.get(kind)
-    got = {k: (list(arch[k]) if k == "dims" else int(arch.get(k, 16))) for k in RELEASED_ARCHITECTURES["idgen"]}
+    got = {"param_dim": int(arch["param_dim"]), "cond_dim": int(arch["cond_dim"]), "dims": list(arch["dims"]),
+           "num_qkv": int(arch.get("num_qkv", 16))}
     if want is None or got != want:
         raise ValueError(f"the released test.py builds {kind} as {want}; this denoiser is {got}, so "
                          "its released draw does not exist (use the training replay)")
-    steps: list[Callable[[], Any]] = [
-        lambda: _clip_vit_b16(d), lambda: _iresnet100(d), lambda: _rank_mlp(d),   # IdRank
-        lambda: _iresnet100(d), lambda: _unet(d, RELEASED_ARCHITECTURES["idgen"]),  # its IdGen
-        lambda: _iresnet100(d)]                                                    # IdGen
+    _clip_vit_b16(d)  # IdRank: CLIP, ArcFace, the ranker,
+    _iresnet100(d)
+    _rank_mlp(d)
+    _iresnet100(d)  # ... and its own IdGen
+    _unet(d, RELEASED_ARCHITECTURES["idgen"])
+    _iresnet100(d)  # IdGen
     if kind == "expgen":
-        steps += [lambda: _unet(d, RELEASED_ARCHITECTURES["idgen"]),
-                  lambda: _clip_vit_b16(d), lambda: _iresnet100(d)]                # ExpGen
-    for step in steps:
-        step()
+        _unet(d, RELEASED_ARCHITECTURES["idgen"])
+        _clip_vit_b16(d)  # ExpGen
+        _iresnet100(d)
     return _unet(d, arch)
 
 

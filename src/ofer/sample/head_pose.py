@@ -65,6 +65,18 @@ def project_scaled_orthographic(points: np.ndarray, R: np.ndarray, scale: float,
     return scale * p[..., :2] * _FLIP + np.asarray(t, np.float64)
 
 
+def _translation(model: np.ndarray, kps: np.ndarray, R: np.ndarray, scale: float) -> np.ndarray:
+    """The ``t`` (px) that matches the centroids: ``mean(kps) = s * Pi(R mean(model)) + t``."""
+    centre = np.asarray(model, np.float64).mean(0)
+    return np.asarray(kps, np.float64).mean(0) - project_scaled_orthographic(centre, R, scale, np.zeros(2))
+
+
+def _best_scale(Xc: np.ndarray, qc: np.ndarray, R: np.ndarray) -> float:
+    """The least-squares ``s`` of ``qc ~ s P R Xc`` (centred points, keypoints with y up)."""
+    Y = (Xc @ R.T)[:, :2]
+    return float((Y * qc).sum() / max((Y * Y).sum(), 1e-300))
+
+
 def _skew(w: np.ndarray) -> np.ndarray:
     return np.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
 
@@ -153,8 +165,8 @@ def _refine(X: np.ndarray, q: np.ndarray, R: np.ndarray, scale: float, iters: in
 
 
 def _candidates(model: np.ndarray, kps: np.ndarray, starts: Sequence[np.ndarray] = ()
-                ) -> tuple[tuple, tuple | None, float, np.ndarray]:
-    """The refined fits of one frame: ``(best, other, keypoint spread, model mean)``, each fit
+                ) -> tuple[tuple, tuple | None, float]:
+    """The refined fits of one frame: ``(best, other, keypoint spread)``, each fit
     ``(R, s, sum of squared residuals)``; ``other``: the best fit of a different rotation (the
     depth-reversed minimum) or None when every start ends at the same rotation."""
     X = np.asarray(model, np.float64)
@@ -183,12 +195,10 @@ def _candidates(model: np.ndarray, kps: np.ndarray, starts: Sequence[np.ndarray]
     fits = []
     for C in cands:
         # the best scale for this start, then the joint refinement
-        Y = (Xc @ C.T)[:, :2]
-        s = max(float((Y * qc).sum() / max((Y * Y).sum(), 1e-300)), 1e-6 * s0)
-        fits.append(_refine(Xc, qc, C, s))
+        fits.append(_refine(Xc, qc, C, max(_best_scale(Xc, qc, C), 1e-6 * s0)))
     fits.sort(key=lambda f: f[2])
     other = next((f for f in fits[1:] if rotation_angle(f[0], fits[0][0]) > 1e-4), None)
-    return fits[0], other, float(np.sqrt((qc * qc).sum() / len(X))), X.mean(0)
+    return fits[0], other, float(np.sqrt((qc * qc).sum() / len(X)))
 
 
 def _choose(best: tuple, other: tuple | None, spread: float, n: int, reference: np.ndarray,
@@ -209,19 +219,13 @@ def fit_scaled_orthographic(model: np.ndarray, kps: np.ndarray, previous: np.nda
     starts: further rotations to start from. Raises :class:`OferError` for non-finite or
     degenerate input (keypoints all on one line or one point, a model without two dimensions).
     """
-    best, other, spread, mean = _candidates(model, kps, starts)
+    best, other, spread = _candidates(model, kps, starts)
     n = len(kps)
     ref = np.eye(3) if previous is None else np.asarray(previous, np.float64)
     R, s, e = choice = _choose(best, other, spread, n, ref, mirror_tol)
     mirror = other if choice is best else best
-    t = (np.asarray(kps, np.float64) * _FLIP).mean(0) - s * (mean @ R.T)[:2]
-    return PoseFit(R=R, scale=s, t=t * _FLIP, rms=math.sqrt(e / n),
+    return PoseFit(R=R, scale=s, t=_translation(model, kps, R, s), rms=math.sqrt(e / n),
                    mirror_rms=math.sqrt(mirror[2] / n) if mirror is not None else math.nan)
-
-
-def _rotvec(R: np.ndarray) -> np.ndarray:
-
-    return Rotation.from_matrix(R).as_rotvec()
 
 
 def smooth_rotations(R: np.ndarray, sigma: float, smooth: Callable[[np.ndarray, float], np.ndarray]) -> np.ndarray:
@@ -267,32 +271,30 @@ def estimate_clip_pose(model: np.ndarray, kps: np.ndarray, sigma: float,
         raise OferError("pose fit: no frame has usable keypoints")
 
     def gap(c):
-        best, other, spread, _ = c
+        best, other, spread = c
         return math.inf if other is None else (math.sqrt(other[2] / n) - math.sqrt(best[2] / n)) / spread
 
     idx = np.flatnonzero(good)
     anchor = int(idx[np.argmax([gap(cands[f]) for f in idx])])
     Rs = np.full((F, 3, 3), np.nan)
-    Rs[anchor] = _choose(*cands[anchor][:3], n, np.eye(3), mirror_tol)[0]
+    Rs[anchor] = _choose(*cands[anchor], n, np.eye(3), mirror_tol)[0]
     for order in (range(anchor + 1, F), range(anchor - 1, -1, -1)):
         ref = Rs[anchor]
         for f in order:
             if cands[f] is not None:
-                Rs[f] = ref = _choose(*cands[f][:3], n, ref, mirror_tol)[0]
+                Rs[f] = ref = _choose(*cands[f], n, ref, mirror_tol)[0]
     failed = ~good
     for f in np.flatnonzero(failed):  # the nearest fitted frame
         Rs[f] = Rs[idx[np.abs(idx - f).argmin()]]
     Rs = smooth_rotations(Rs, sigma, smooth)
     cam = np.full((F, 3), np.nan)
     for f in idx:
-        Xc = model[f] - model[f].mean(0)
         q = kps[f] * _FLIP
-        Y = (Xc @ Rs[f].T)[:, :2]
-        s = float((Y * (q - q.mean(0))).sum() / max((Y * Y).sum(), 1e-300))
-        cam[f] = [s, *((q.mean(0) - s * (model[f].mean(0) @ Rs[f].T)[:2]) * _FLIP)]
+        s = _best_scale(model[f] - model[f].mean(0), q - q.mean(0), Rs[f])
+        cam[f] = [s, *_translation(model[f], kps[f], Rs[f], s)]
     if failed.any():
         t = np.arange(F)
         for c in range(3):
             cam[failed, c] = np.interp(t[failed], idx, cam[idx, c])
     cam = smooth(cam, sigma)
-    return np.stack([_rotvec(R) for R in Rs]), cam, failed
+    return Rotation.from_matrix(Rs).as_rotvec(), cam, failed
